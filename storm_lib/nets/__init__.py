@@ -1,0 +1,1 @@
+"""Network building blocks: the categorical VAE, the causal Transformer and the heads."""

@@ -1,0 +1,94 @@
+"""The shared vocabulary: ``Batch``, ``Rollout`` and the ``WorldModel`` protocol.
+
+Both backbones (STORM and the RSSM) satisfy :class:`WorldModel`, so one training loop,
+one evaluation protocol and one checkpoint format serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """Windows of real experience.
+
+    Convention (STORM's): ``reward[t]`` and ``cont[t]`` follow taking ``action[t]`` in
+    ``obs[t]``; ``cont`` is 1 while the episode (life) goes on.
+
+    Shapes:
+        obs: ``[B, T, 3, 64, 64]`` float32 in [0, 1].
+        action: ``[B, T]`` int64.
+        reward: ``[B, T]`` float32.
+        cont: ``[B, T]`` float32.
+    """
+
+    obs: Tensor
+    action: Tensor
+    reward: Tensor
+    cont: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            obs=self.obs.to(device, non_blocking=non_blocking),
+            action=self.action.to(device, non_blocking=non_blocking),
+            reward=self.reward.to(device, non_blocking=non_blocking),
+            cont=self.cont.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+
+@dataclass
+class Rollout:
+    """An open-loop imagined continuation of ``H`` frames.
+
+    ``obs[:, k-1]`` is the prediction of real frame ``C+k``; ``reward[:, k-1]`` and
+    ``cont[:, k-1]`` are the predicted reward and continuation of the transition that
+    led to it (the action after frame ``C+k-1``).
+
+    Shapes:
+        obs: ``[B, H, 3, 64, 64]`` in [0, 1].
+        reward: ``[B, H]``.
+        cont: ``[B, H]`` (probability that the episode goes on).
+    """
+
+    obs: Tensor
+    reward: Tensor
+    cont: Tensor
+
+
+ImagineMode = Literal["sample", "mode"]
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """What STORM and the RSSM both provide."""
+
+    action_dim: int
+    max_length: int | None  # longest context + horizon imagine() accepts (None: unbounded)
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Scalar training loss and float metrics (``loss/total``, ``loss/rec``, ...)."""
+        ...
+
+    def reconstruct(self, obs: Tensor) -> Tensor:
+        """Encode then decode: ``[B, T, 3, 64, 64] -> [B, T, 3, 64, 64]``."""
+        ...
+
+    def imagine(
+        self,
+        context_obs: Tensor,
+        context_actions: Tensor,
+        future_actions: Tensor,
+        *,
+        mode: ImagineMode = "sample",
+    ) -> Rollout:
+        """Open-loop rollout: ``[B,C,3,64,64], [B,C], [B,H-1] -> Rollout`` of H frames."""
+        ...
