@@ -1,0 +1,51 @@
+# Two commands do all set-up on a fresh machine:
+#   make notebook   execute p04_transformer_backbone.ipynb in place (the main job)
+#   make test       lint + the test suite (what CI runs)
+# Each creates and fills the virtualenv $(VENV) when missing.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+NOTEBOOK := p04_transformer_backbone.ipynb
+
+# A GPU machine gets the normal (CUDA) torch wheel; without a GPU we pin the CPU wheel
+# torch==2.13.0, which pip takes from a local wheel folder when one is configured.
+HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.2,torch==2.13.0)
+
+.PHONY: notebook test collect lint format bench clean-venv
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+notebook: $(VENV)/.runtime
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=-1 $(NOTEBOOK)
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+collect: $(VENV)/.runtime
+	$(PY) -m storm_lib collect
+
+bench: $(VENV)/.dev
+	$(PY) bench/bench_collect.py
+	$(PY) bench/bench_train.py
+
+lint:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean-venv:
+	rm -rf $(VENV)

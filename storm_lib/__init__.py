@@ -1,0 +1,57 @@
+"""storm_lib: STORM (a transformer world model) and a DreamerV3-style RSSM, side by side.
+
+Public names::
+
+    from storm_lib import (get_profile, build_world_model, fit, save_checkpoint,
+                           load_checkpoint, load_rssm_checkpoint, CheckpointError,
+                           Batch, Rollout, psnr, TrajectoryData, collect)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, get_profile
+from .models import build_world_model
+from .types import Batch, Rollout, WorldModel
+
+__all__ = [
+    "Batch",
+    "CheckpointError",
+    "Config",
+    "DataError",
+    "History",
+    "Rollout",
+    "TrajectoryData",
+    "WorldModel",
+    "build_world_model",
+    "collect",
+    "fit",
+    "get_profile",
+    "load_checkpoint",
+    "load_rssm_checkpoint",
+    "psnr",
+    "rollout_psnr",
+    "save_checkpoint",
+]
+
+_LAZY = {
+    "DataError": "data",
+    "TrajectoryData": "data",
+    "collect": "data",
+    "History": "train",
+    "fit": "train",
+    "load_rssm_checkpoint": "rssm",
+    "psnr": "evaluate",
+    "rollout_psnr": "evaluate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavier modules (gymnasium, matplotlib) only when used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'storm_lib' has no attribute {name!r}")

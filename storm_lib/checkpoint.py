@@ -1,0 +1,217 @@
+"""One-file checkpoints: atomic save, validated ``weights_only`` load.
+
+Format (``FORMAT``)::
+
+    {"format": "storm_lib/1", "model": "storm" | "rssm", "config": dict,
+     "action_dim": int, "state_dict": {name: Tensor}, "optimizer": dict | None,
+     "step": int, "history": {"train": [...], "val": [...]} | None,
+     "train_state": {RNG and sampler states} | None}
+
+Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``) and always
+maps to a chosen device, so a GPU checkpoint opens on a CPU. Everything that can go
+wrong (missing, truncated, foreign or malicious file, wrong model kind, missing or
+misshapen weights) is a :class:`CheckpointError` with a readable message.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .models import model_class
+from .types import WorldModel
+from .utils import default_device
+
+FORMAT = "storm_lib/1"
+KINDS = ("storm", "rssm")
+COMPILE_PREFIX = "_orig_mod."
+
+
+class CheckpointError(Exception):
+    """A checkpoint file cannot be used; the message says which file and why."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_torch_load(path: str | Path, device: torch.device | str | None = None) -> Any:
+    """``torch.load(weights_only=True, map_location=device)``; any failure is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=default_device(device), weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files; all mean "unusable"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains Python objects that a weights-only load refuses (possible code)"
+        raise CheckpointError(f"{path}: not a readable checkpoint: {reason[:300]}") from None
+
+
+def strip_compile_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove the ``_orig_mod.`` prefix that ``torch.compile`` adds to parameter names."""
+    return {
+        (k[len(COMPILE_PREFIX) :] if k.startswith(COMPILE_PREFIX) else k): v
+        for k, v in state_dict.items()
+    }
+
+
+def load_state_strict(model: nn.Module, state_dict: Any, source: str, note: str = "") -> None:
+    """Load ``state_dict`` into ``model`` exactly, or raise a CheckpointError that lists
+    missing keys, unexpected keys and shape mismatches (``note`` is appended, e.g. which
+    sizes were inferred)."""
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
+    ):
+        raise CheckpointError(f"{source}: the state dict is not a mapping of names to tensors")
+    state_dict = strip_compile_prefix(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def listing(title: str, items: list[str]) -> str:
+            more = f", ... ({len(items)} in all)" if len(items) > 12 else ""
+            shown = ", ".join(items[:12]) + more
+            return f"\n  {title}: {shown}" if items else ""
+
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model"
+            + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", shapes)
+            + (f"\n  {note}" if note else "")
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _check_finite(model: nn.Module) -> None:
+    state = model.state_dict()
+    bad = [n for n, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(f"refusing to save non-finite weights (first: {bad[0]})")
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: WorldModel,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    history: dict[str, list[dict[str, float]]] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally its training state) to one file, atomically.
+
+    Args:
+        path: destination; parent folders are created.
+        model: a STORM or RSSM world model (anything with ``kind``, ``config``,
+            ``action_dim`` and ``state_dict``).
+        optimizer: its state is stored for resuming.
+        step: gradient steps taken.
+        history: ``History.to_dict()`` of the training run.
+        train_state: RNG and sampler states (see ``train.fit``).
+
+    Raises:
+        ValueError: the weights contain NaN or inf (nothing is written).
+    """
+    _check_finite(model)  # type: ignore[arg-type]
+    payload = {
+        "format": FORMAT,
+        "model": model.kind,  # type: ignore[attr-defined]
+        "config": model.config.to_dict(),  # type: ignore[attr-defined]
+        "action_dim": int(model.action_dim),
+        "state_dict": model.state_dict(),  # type: ignore[attr-defined]
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        "history": history,
+        "train_state": train_state,
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Load and validate a checkpoint dict (tensors on ``device``); its config becomes a Config."""
+    raw = safe_torch_load(path, device)
+    source = str(path)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(
+            f"{source}: not a storm_lib checkpoint (expected format {FORMAT!r}, found {found!r})"
+        )
+    if raw.get("model") not in KINDS:
+        raise CheckpointError(f"{source}: unknown model kind {raw.get('model')!r}")
+    action_dim = raw.get("action_dim")
+    if not isinstance(action_dim, int) or action_dim < 1:
+        raise CheckpointError(f"{source}: invalid action_dim {action_dim!r}")
+    step = raw.get("step", 0)
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{source}: invalid step {step!r}")
+    try:
+        config = Config.from_dict(raw.get("config"))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid config: {exc}") from None
+    return {**raw, "config": config}
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    kind: str | None = None,
+    action_dim: int | None = None,
+) -> WorldModel:
+    """Rebuild the world model stored in ``path`` (either kind), in eval mode.
+
+    Args:
+        path: a file written by :func:`save_checkpoint`.
+        device: where to put it (default: CUDA if available, else CPU).
+        kind: if given, the file must hold this kind (``"storm"`` or ``"rssm"``).
+        action_dim: if given, the model's action count must equal it (the dataset's).
+
+    Raises:
+        CheckpointError: for any unusable file, the wrong kind or action count.
+    """
+    device = default_device(device)
+    payload = read_checkpoint(path, device)
+    found = payload["model"]
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path}: holds a {found.upper()} model, expected {kind.upper()}")
+    if action_dim is not None and payload["action_dim"] != action_dim:
+        raise CheckpointError(
+            f"{path}: the model has {payload['action_dim']} actions but the data has {action_dim}"
+        )
+    try:
+        model = model_class(found)(payload["config"], payload["action_dim"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot build the stored model: {exc}") from None
+    load_state_strict(model, payload["state_dict"], str(path))
+    return model.to(device).eval()

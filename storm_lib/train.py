@@ -1,0 +1,255 @@
+"""``fit()``: the one training loop for every world model, and its ``History``.
+
+The loop knows nothing about STORM or the RSSM: it calls ``model.loss(batch)``, clips,
+steps Adam, validates on fixed held-out windows, and checkpoints. It records training
+wall-clock with validation and checkpoint time excluded, so that Section 5 compares
+the backbones' cost alone.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import TrajectoryData
+from .types import Batch, WorldModel
+from .utils import autocast, default_device, seed_everything
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss, or inputs that do not fit the model."""
+
+
+@dataclass
+class History:
+    """What ``fit()`` recorded.
+
+    ``train`` holds one dict per logged step and ``val`` one per validation, each with
+    ``step``, ``time`` (training wall-clock seconds, validation excluded) and the
+    model's metric names (``loss/total``, ``token_nll``, ...).
+    """
+
+    train: list[dict[str, float]] = field(default_factory=list)
+    val: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"train": list(self.train), "val": list(self.val)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> History:
+        if not raw:
+            return cls()
+        return cls(train=list(raw.get("train", [])), val=list(raw.get("val", [])))
+
+    @property
+    def train_seconds(self) -> float:
+        """Training wall-clock so far."""
+        return self.train[-1]["time"] if self.train else 0.0
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG that training touches, in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+        "sampler": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    generator.set_state(state["sampler"].cpu())
+
+
+def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> None:
+    """Raise TrainingError before any training if ``data`` cannot feed ``model``."""
+    if data.action_dim != model.action_dim:
+        raise TrainingError(
+            f"the data has {data.action_dim} actions ({data.env_id}) "
+            f"but the model was built for {model.action_dim}"
+        )
+    size = model.config.data.image_size  # type: ignore[attr-defined]
+    if data.image_size != size:
+        raise TrainingError(f"the data has {data.image_size}px frames, the model expects {size}px")
+    if model.max_length is not None and seq_len > model.max_length:
+        raise TrainingError(
+            f"training windows of {seq_len} steps exceed the model's max_length {model.max_length}"
+        )
+
+
+@torch.no_grad()
+def validate(model: WorldModel, batches: list[Batch], device: torch.device) -> dict[str, float]:
+    """Mean metrics of ``model.loss`` over fixed ``batches`` in eval mode."""
+    was_training = model.training  # type: ignore[attr-defined]
+    model.eval()  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+    try:
+        for batch in batches:
+            with autocast(device):
+                _, metrics = model.loss(batch.to(device))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        model.train(was_training)  # type: ignore[attr-defined]
+    return {k: v / len(batches) for k, v in totals.items()}
+
+
+def _first_non_finite(metrics: dict[str, Any]) -> str:
+    for name, value in metrics.items():
+        if not math.isfinite(float(value)):
+            return f"{name} = {float(value)}"
+    return "the total loss"
+
+
+def fit(
+    model: WorldModel,
+    train_data: TrajectoryData,
+    val_data: TrajectoryData,
+    *,
+    steps: int,
+    config: TrainConfig,
+    device: torch.device | str | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 10,
+) -> History:
+    """Train ``model`` for ``steps`` gradient steps in total; return the History.
+
+    Adam with ``config.lr`` and global-norm clipping at ``config.grad_clip`` (paper:
+    1e-4 and 1000), bf16 autocast on CUDA only, validation on ``config.val_batches``
+    fixed windows of ``val_data`` every ``config.eval_every`` steps and at the end, a
+    checkpoint every ``config.checkpoint_every`` steps and at the end.
+
+    Args:
+        model: any :class:`WorldModel` that is an ``nn.Module``.
+        train_data: windows are sampled from it (never across episodes).
+        val_data: held-out episodes for validation.
+        steps: total gradient steps, counting those of a resumed checkpoint.
+        config: batch size, sequence length, lr, clipping, intervals, seed.
+        device: default CUDA if available.
+        checkpoint_path: where to write checkpoints (None: no checkpoints).
+        resume: continue from ``checkpoint_path`` if it exists (optimizer, step, RNG
+            and sampler states, history): the result equals an uninterrupted run.
+        progress: show a tqdm bar with the losses.
+        log_every: steps between training-metric records.
+
+    Raises:
+        TrainingError: mismatched data and model (before any step), or a non-finite
+            loss (naming the step and the term; the last good checkpoint is kept).
+
+    A KeyboardInterrupt saves a checkpoint at the last completed step and returns
+    the history so far.
+    """
+    device = default_device(device)
+    check_compatible(model, train_data, config.seq_len)
+    seed_everything(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.to(device)  # type: ignore[attr-defined]
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)  # type: ignore[attr-defined]
+    history, step = History(), 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        payload = read_checkpoint(checkpoint_path, device)
+        if payload["model"] != model.kind:  # type: ignore[attr-defined]
+            raise CheckpointError(f"{checkpoint_path}: holds a {payload['model']} model")
+        model.load_state_dict(payload["state_dict"])  # type: ignore[attr-defined]
+        if payload["optimizer"] is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        step, history = payload["step"], History.from_dict(payload["history"])
+        if payload.get("train_state"):
+            _set_rng_state(payload["train_state"], generator)
+
+    val_windows = val_data.eval_windows(config.val_batches * config.batch_size, config.seq_len, 0)
+    val_batches = [
+        Batch(
+            *(
+                t[i : i + config.batch_size]
+                for t in (val_windows.obs, val_windows.action, val_windows.reward, val_windows.cont)
+            )
+        )
+        for i in range(0, len(val_windows), config.batch_size)
+    ]
+
+    def checkpoint() -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(
+                checkpoint_path,
+                model,
+                optimizer=optimizer,
+                step=step,
+                history=history.to_dict(),
+                train_state=_rng_state(generator),
+            )
+
+    model.train()  # type: ignore[attr-defined]
+    clock = history.train_seconds
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        disable=not progress,
+        desc=f"train {model.kind}",
+        dynamic_ncols=True,
+    )  # type: ignore[attr-defined]
+    try:
+        while step < steps:
+            start = time.perf_counter()
+            batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
+            with autocast(device):
+                loss, metrics = model.loss(batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss at step {step + 1}: {_first_non_finite(metrics)}; "
+                    "no weights were saved after it"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(),
+                config.grad_clip,  # type: ignore[attr-defined]
+            )
+            optimizer.step()
+            step += 1
+            if device.type == "cuda" and step % log_every == 0:
+                torch.cuda.synchronize(device)
+            clock += time.perf_counter() - start
+            if step % log_every == 0 or step == steps:
+                record = {k: float(v) for k, v in metrics.items()}
+                record.update(step=step, time=clock, grad_norm=float(grad_norm))
+                history.train.append(record)
+                bar.set_postfix(
+                    loss=f"{record['loss/total']:.1f}",
+                    tok=f"{record.get('token_nll', float('nan')):.1f}",
+                )
+            if step % config.eval_every == 0 or step == steps:
+                record = validate(model, val_batches, device)
+                record.update(step=step, time=clock)
+                history.val.append(record)
+            if step == steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint()
+            bar.update(1)
+    except KeyboardInterrupt:
+        checkpoint()
+        print(f"Interrupted: saved step {step} to {checkpoint_path}; returning the history so far.")
+    finally:
+        bar.close()
+    model.eval()  # type: ignore[attr-defined]
+    return history
