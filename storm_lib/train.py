@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TrajectoryData
 from .types import Batch, WorldModel
@@ -97,17 +97,27 @@ def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> N
 
 
 @torch.no_grad()
-def validate(model: WorldModel, batches: list[Batch], device: torch.device) -> dict[str, float]:
-    """Mean metrics of ``model.loss`` over fixed ``batches`` in eval mode."""
+def validate(
+    model: WorldModel, batches: list[Batch], device: torch.device, seed: int = 0
+) -> dict[str, float]:
+    """Mean metrics of ``model.loss`` over fixed ``batches`` in eval mode.
+
+    The latent samples are drawn under a forked RNG seeded with ``seed``: validation is
+    the same measurement every time, and it leaves the training RNG untouched (so a
+    resumed run equals an uninterrupted one whatever the validation schedule).
+    """
     was_training = model.training  # type: ignore[attr-defined]
     model.eval()  # type: ignore[attr-defined]
     totals: dict[str, float] = {}
+    devices = [device] if device.type == "cuda" else []
     try:
-        for batch in batches:
-            with autocast(device):
-                _, metrics = model.loss(batch.to(device))
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for batch in batches:
+                with autocast(device):
+                    _, metrics = model.loss(batch.to(device))
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)  # type: ignore[attr-defined]
     return {k: v / len(batches) for k, v in totals.items()}
@@ -171,7 +181,7 @@ def fit(
         payload = read_checkpoint(checkpoint_path, device)
         if payload["model"] != model.kind:  # type: ignore[attr-defined]
             raise CheckpointError(f"{checkpoint_path}: holds a {payload['model']} model")
-        model.load_state_dict(payload["state_dict"])  # type: ignore[attr-defined]
+        load_state_strict(model, payload["state_dict"], str(checkpoint_path))  # type: ignore[arg-type]
         if payload["optimizer"] is not None:
             optimizer.load_state_dict(payload["optimizer"])
         step, history = payload["step"], History.from_dict(payload["history"])
@@ -240,7 +250,7 @@ def fit(
                     tok=f"{record.get('token_nll', float('nan')):.1f}",
                 )
             if step % config.eval_every == 0 or step == steps:
-                record = validate(model, val_batches, device)
+                record = validate(model, val_batches, device, config.seed)
                 record.update(step=step, time=clock)
                 history.val.append(record)
             if step == steps or (config.checkpoint_every and step % config.checkpoint_every == 0):

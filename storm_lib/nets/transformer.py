@@ -181,7 +181,11 @@ class CausalSelfAttention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask, causal = chunk_mask(n, start, x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )  # [B, h, N, dh]
         return out.transpose(1, 2).reshape(b, n, d)

@@ -1,0 +1,413 @@
+"""Every figure the notebook shows. Each function returns a Matplotlib ``Figure``.
+
+Nothing here calls ``plt.show()`` and nothing needs a display (the ``Agg`` backend
+works); figures are small (``dpi=100``) so the executed notebook stays a few MB.
+Frames are ``[3, S, S]`` tensors or arrays in [0, 1].
+
+Glossary: B batch, T time, C context, H horizon, K categoricals, V classes, N tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import animation
+from matplotlib.figure import Figure
+
+from .evaluate import RolloutPSNR, SlidingWindowLoss
+
+DPI = 100
+"""Resolution of every figure."""
+
+
+def _figure(rows: int = 1, cols: int = 1, *, size: tuple[float, float] = (6.0, 3.5)) -> Any:
+    """A new figure and axes, not registered with pyplot (no show, no global state)."""
+    fig = Figure(figsize=size, dpi=DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _img(frame: Any) -> np.ndarray:
+    """``[3, S, S]`` in [0, 1] -> ``[S, S, 3]`` for ``imshow``."""
+    x = _np(frame)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a [3, S, S] frame, got {x.shape}")
+    return np.clip(x.transpose(1, 2, 0), 0.0, 1.0)
+
+
+def _off(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_psnr_vs_horizon(result: RolloutPSNR, *, title: str | None = None) -> Figure:
+    """PSNR (dB) per imagined step: models (solid), their reconstruction ceilings
+    (dashed, same colour) and the copy-last-frame baseline (grey), with 95% bands."""
+    fig, axes = _figure(size=(8.0, 4.0))
+    ax = axes[0, 0]
+    steps = result.steps
+
+    def draw(stats: Any, label: str, **style: Any) -> None:
+        line = ax.plot(steps, stats.mean, marker="o", markersize=3, label=label, **style)[0]
+        hw = np.nan_to_num(stats.half_width)
+        ax.fill_between(steps, stats.mean - hw, stats.mean + hw, color=line.get_color(), alpha=0.15)
+
+    for i, (name, stats) in enumerate(result.models.items()):
+        color = f"C{i}"
+        draw(stats, name, color=color)
+        if name in result.ceilings:
+            draw(result.ceilings[name], f"{name} ceiling (recon.)", color=color, ls="--")
+    draw(result.copy_last, "copy last frame", color="0.4", ls=":")
+    ax.set_xlabel("imagined step k (frame C+k)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_xticks(steps)
+    ax.set_title(title or f"PSNR vs horizon (context {result.context}, n={result.copy_last.n})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def _series(records: Sequence[Mapping[str, float]], key: str, metric: str) -> tuple:
+    pts = [(r[key], r[metric]) for r in records if metric in r and key in r]
+    if not pts:
+        return np.array([]), np.array([])
+    x, y = zip(*pts, strict=True)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+def plot_val_loss_vs_time(histories: Mapping[str, Any], metric: str = "loss/total") -> Figure:
+    """Validation ``metric`` against training wall-clock seconds, all models on one axes.
+
+    Args:
+        histories: name -> object with ``.val``, a list of dicts with ``time`` and metrics.
+        metric: the key plotted.
+    """
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for name, history in histories.items():
+        x, y = _series(history.val, "time", metric)
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"Validation {metric} vs training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _ema(y: np.ndarray, weight: float) -> np.ndarray:
+    out, acc = np.empty_like(y), y[0] if len(y) else 0.0
+    for i, v in enumerate(y):
+        acc = weight * acc + (1 - weight) * v
+        out[i] = acc
+    return out
+
+
+def plot_training_curves(
+    history: Any,
+    metrics: Sequence[str] = ("token_nll", "loss/reward"),
+    *,
+    smoothing: float = 0.9,
+) -> Figure:
+    """One subplot per metric: training curve (EMA-smoothed) and validation points.
+
+    Args:
+        history: a History-like object (``.train``/``.val`` lists of dicts with ``step``),
+            or name -> History-like to overlay several models.
+        metrics: metric keys, e.g. ``token_nll`` (nats/frame) and ``loss/reward``.
+        smoothing: EMA weight of the training curve (0 = raw).
+    """
+    histories = history if isinstance(history, Mapping) else {"": history}
+    fig, axes = _figure(1, len(metrics), size=(4.0 * len(metrics), 3.3))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, (name, h) in enumerate(histories.items()):
+            prefix = f"{name} " if name else ""
+            x, y = _series(h.train, "step", metric)
+            if len(y):
+                ax.plot(x, _ema(y, smoothing), color=f"C{i}", label=f"{prefix}train (EMA)")
+            x, y = _series(h.val, "step", metric)
+            if len(y):
+                ax.plot(x, y, "o", color=f"C{i}", markersize=4, label=f"{prefix}validation")
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_time(timings: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Milliseconds per step against sequence length, log-log, with linear and
+    quadratic guide lines anchored at the first model's first point."""
+    fig, axes = _figure(size=(5.5, 4.0))
+    ax = axes[0, 0]
+    for name, t in timings.items():
+        ax.plot(t["lengths"], t["ms_per_step"], marker="o", label=f"{name} ({t.get('mode', '')})")
+    first = next(iter(timings.values()))
+    lengths = np.asarray(first["lengths"], dtype=float)
+    l0, m0 = lengths[0], first["ms_per_step"][0]
+    ax.plot(lengths, m0 * lengths / l0, "k--", lw=0.8, label="linear guide")
+    ax.plot(lengths, m0 * (lengths / l0) ** 2, "k:", lw=0.8, label="quadratic guide")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (steps)")
+    ax.set_ylabel("ms per step")
+    ax.set_title("Step time vs sequence length")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _frames(x: Any) -> np.ndarray:
+    """``[..., 3, S, S]`` -> ``[N, 3, S, S]``."""
+    arr = _np(x)
+    return arr.reshape(-1, *arr.shape[-3:])
+
+
+def plot_reconstructions(obs: Any, recon: Any, n: int = 8) -> Figure:
+    """Top row the true frames, bottom row their reconstructions (first ``n`` frames).
+
+    Shapes:
+        obs, recon: ``[..., 3, S, S]`` (e.g. ``[B, T, 3, S, S]``, flattened).
+    """
+    truth, rec = _frames(obs)[:n], _frames(recon)[:n]
+    n = len(truth)
+    fig, axes = _figure(2, n, size=(1.2 * n, 2.8))
+    for i in range(n):
+        axes[0, i].imshow(_img(truth[i]))
+        axes[1, i].imshow(_img(rec[i]))
+        _off(axes[0, i])
+        _off(axes[1, i])
+    axes[0, 0].set_ylabel("truth")
+    axes[1, 0].set_ylabel("recon.")
+    fig.suptitle("Categorical VAE: encode -> decode")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rollout_grid(
+    truth: Any, rollouts: Mapping[str, Any], context: Any | None = None
+) -> Figure:
+    """Rows: ground truth, then each model; columns: imagined steps 1..H.
+
+    Args:
+        truth: ``[H, 3, S, S]`` real future frames.
+        rollouts: name -> ``[H, 3, S, S]`` imagined frames.
+        context: optional ``[3, S, S]`` last context frame, shown first in every row.
+    """
+    rows = {"truth": _frames(truth), **{k: _frames(v) for k, v in rollouts.items()}}
+    horizon = len(rows["truth"])
+    offset = 0 if context is None else 1
+    cols = horizon + offset
+    fig, axes = _figure(len(rows), cols, size=(1.0 * cols, 1.1 * len(rows) + 0.4))
+    for r, (name, frames) in enumerate(rows.items()):
+        if context is not None:
+            axes[r, 0].imshow(_img(context))
+            if r == 0:
+                axes[r, 0].set_title("last ctx", fontsize=8)
+        for k in range(horizon):
+            axes[r, k + offset].imshow(_img(frames[k]))
+            if r == 0:
+                axes[r, k + offset].set_title(f"k={k + 1}", fontsize=8)
+        for ax in axes[r]:
+            _off(ax)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle("Open-loop imagination vs ground truth")
+    fig.tight_layout()
+    return fig
+
+
+def rollout_animation(
+    truth: Any, rollouts: Mapping[str, Any], *, interval: int = 300
+) -> animation.FuncAnimation:
+    """Side-by-side animation of the true future and each model's rollout.
+
+    Render inline with :func:`animation_html` (``anim.to_jshtml()``).
+
+    Shapes:
+        truth and each rollout: ``[H, 3, S, S]``.
+    """
+    rows = {"truth": _frames(truth), **{k: _frames(v) for k, v in rollouts.items()}}
+    fig, axes = _figure(1, len(rows), size=(1.6 * len(rows), 1.9))
+    images = []
+    for ax, (name, frames) in zip(axes[0], rows.items(), strict=True):
+        images.append(ax.imshow(_img(frames[0])))
+        ax.set_title(name, fontsize=8)
+        _off(ax)
+    label = fig.suptitle("step 1", fontsize=9)
+    horizon = len(rows["truth"])
+
+    def update(k: int) -> list[Any]:
+        for im, frames in zip(images, rows.values(), strict=True):
+            im.set_data(_img(frames[k]))
+        label.set_text(f"step {k + 1}")
+        return [*images, label]
+
+    return animation.FuncAnimation(fig, update, frames=horizon, interval=interval, blit=False)
+
+
+def animation_html(anim: animation.FuncAnimation) -> str:
+    """The animation as self-contained HTML/JS for a notebook (``IPython.display.HTML``)."""
+    return anim.to_jshtml()
+
+
+def plot_attention(maps: Any, *, per_head: bool = False, batch_index: int = 0) -> Figure:
+    """Attention weights (query rows attend to key columns) for one window.
+
+    Args:
+        maps: ``[layers, B, heads, N, N]``, ``[heads, N, N]`` or ``[N, N]``.
+        per_head: one panel per head instead of the mean over heads.
+        batch_index: which window of the batch.
+    """
+    a = _np(maps)
+    if a.ndim == 5:
+        a = a[:, batch_index]
+    while a.ndim < 4:
+        a = a[None]
+    layers, heads = a.shape[0], a.shape[1]
+    if not per_head:
+        a, heads = a.mean(axis=1, keepdims=True), 1
+    fig, axes = _figure(layers, heads, size=(2.8 * heads + 0.6, 2.6 * layers))
+    for i in range(layers):
+        for j in range(heads):
+            ax = axes[i, j]
+            im = ax.imshow(a[i, j], cmap="viridis", vmin=0.0)
+            head = f"head {j}" if per_head else "mean of heads"
+            ax.set_title(f"layer {i}, {head}", fontsize=8)
+            ax.set_xlabel("key position", fontsize=8)
+            ax.set_ylabel("query position", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token(token: Any, *, title: str = "One frame's token") -> Figure:
+    """A frame's latent as a K x V image (one-hot, or probabilities from log-probs),
+    each row annotated with its class index.
+
+    Shapes:
+        token: ``[K, V]`` one-hot, probabilities or log-probabilities.
+    """
+    x = _np(token)
+    if x.ndim != 2:
+        raise ValueError(f"expected a [K, V] token, got {x.shape}")
+    probs = np.exp(x) if x.max() <= 0.0 else x
+    index = probs.argmax(axis=1)
+    k, v = probs.shape
+    fig, axes = _figure(size=(5.0, 5.0 * k / v + 0.6))
+    ax = axes[0, 0]
+    ax.imshow(probs, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+    for row, col in enumerate(index):
+        ax.text(v - 0.5, row, f" {col}", va="center", ha="left", fontsize=6)
+    ax.set_xlabel(f"class (V={v})")
+    ax.set_ylabel(f"categorical (K={k})")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_causal_mask(n: int) -> Figure:
+    """The ``n x n`` causal mask: token t may attend to tokens 0..t (light)."""
+    mask = np.tril(np.ones((n, n)))
+    fig, axes = _figure(size=(3.5, 3.5))
+    ax = axes[0, 0]
+    ax.imshow(mask, cmap="Blues", vmin=0.0, vmax=1.5)
+    ax.set_xlabel("key position (attended)")
+    ax.set_ylabel("query position")
+    ax.set_title("Causal mask (filled = allowed)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_teacher_forcing_gap(gap: Mapping[str, Any], *, name: str = "") -> Figure:
+    """Left: teacher-forced vs free-running PSNR per step (95% bands); right: the gap.
+
+    Args:
+        gap: the dict of :func:`storm_lib.evaluate.teacher_forcing_gap`.
+    """
+    fig, axes = _figure(1, 2, size=(9.0, 3.3))
+    ax, bx = axes[0]
+    steps = np.asarray(gap["steps"])
+    for key, label in (("teacher_forced", "teacher-forced"), ("free_running", "free-running")):
+        mean, hw = np.asarray(gap[key]), np.nan_to_num(np.asarray(gap.get(f"{key}_hw", 0.0)))
+        ax.plot(steps, mean, marker="o", markersize=3, label=label)
+        ax.fill_between(steps, mean - hw, mean + hw, alpha=0.15)
+    ax.set_xlabel("step k (frame C+k)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"{name} teacher forcing vs free running".strip(), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    bx.bar(steps, gap["gap"], color="C3")
+    bx.set_xlabel("step k")
+    bx.set_ylabel("gap (dB)")
+    bx.set_title("PSNR lost to feeding back own predictions", fontsize=9)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sliding_window(result: SlidingWindowLoss | Mapping[int, float]) -> Figure:
+    """Mean teacher-forced token NLL per window length (bars, "n/a" when not measurable)
+    and, when available, the NLL at each position of each window.
+
+    Args:
+        result: a :class:`SlidingWindowLoss` or a plain ``{window: nll}`` dict.
+    """
+    if isinstance(result, SlidingWindowLoss):
+        nll, per_position = result.nll, result.per_position
+    else:
+        nll, per_position = dict(result), {}
+    cols = 2 if per_position else 1
+    fig, axes = _figure(1, cols, size=(4.5 * cols, 3.3))
+    ax = axes[0, 0]
+    labels = [str(w) for w in nll]
+    values = np.asarray(list(nll.values()), dtype=float)
+    ax.bar(labels, np.nan_to_num(values), color="C0")
+    for i, value in enumerate(values):
+        text = "n/a" if np.isnan(value) else f"{value:.2f}"
+        ax.text(i, np.nan_to_num(value), text, ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("window length (steps)")
+    ax.set_ylabel("token NLL (nats/frame)")
+    ax.set_title("Sliding-window token loss", fontsize=9)
+    if per_position:
+        bx = axes[0, 1]
+        for w, curve in per_position.items():
+            bx.plot(np.arange(1, len(curve) + 1), curve, label=f"window {w}")
+        bx.set_xlabel("predicted position t+1")
+        bx.set_ylabel("token NLL (nats)")
+        bx.set_title("NLL by position in the window", fontsize=9)
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "animation_html",
+    "plot_attention",
+    "plot_causal_mask",
+    "plot_psnr_vs_horizon",
+    "plot_reconstructions",
+    "plot_rollout_grid",
+    "plot_sliding_window",
+    "plot_step_time",
+    "plot_teacher_forcing_gap",
+    "plot_token",
+    "plot_training_curves",
+    "plot_val_loss_vs_time",
+    "rollout_animation",
+]

@@ -1,0 +1,86 @@
+"""The notebook's closing paragraph, written from this run's numbers.
+
+Every figure quoted comes from the objects passed in, and every comparison word
+("higher", "beats", "faster") is chosen by comparing those numbers, so a re-run with
+other results cannot leave a stale claim behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .evaluate import RolloutPSNR, loglog_slope
+
+
+def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
+    mean, base = result.models[name].mean, result.copy_last.mean
+    steps = np.arange(1, result.horizon + 1)
+    wins = steps[(steps >= from_step) & (mean > base)]
+    if len(wins) == int((steps >= from_step).sum()):
+        return f"beats copy-last at every step from {from_step} to {result.horizon}"
+    if len(wins) == 0:
+        return f"does not beat copy-last at any step from {from_step} on"
+    return f"beats copy-last at steps {', '.join(map(str, wins))} only"
+
+
+def comparison_paragraph(
+    result: RolloutPSNR,
+    histories: Mapping[str, Any],
+    timings: Mapping[str, Mapping[str, Any]],
+    *,
+    names: tuple[str, str] = ("STORM", "RSSM"),
+) -> str:
+    """A paragraph comparing the two architectures from measured results.
+
+    Args:
+        result: :func:`storm_lib.evaluate.rollout_psnr` for both models.
+        histories: ``{name: History}`` of training (an empty history is allowed for a
+            loaded P03 checkpoint without one).
+        timings: ``{name: step_time_vs_length(...)}`` for both backbones.
+        names: the transformer model's name, then the RSSM's.
+    """
+    a, b = names
+    last = result.horizon
+    pa, pb = result.models[a].mean, result.models[b].mean
+    cl = result.copy_last.mean
+    better = a if pa[-1] > pb[-1] else b
+    parts = [
+        f"On {result.copy_last.n} held-out windows, {a}'s imagined frames score "
+        f"{pa[0]:.1f} dB at step 1 and {pa[-1]:.1f} dB at step {last} "
+        f"(ceiling {result.ceilings[a].mean.mean():.1f} dB); {b}'s score {pb[0]:.1f} and "
+        f"{pb[-1]:.1f} dB (ceiling {result.ceilings[b].mean.mean():.1f} dB); copying the last "
+        f"context frame gives {cl[0]:.1f} and {cl[-1]:.1f} dB.",
+        f"{a} {_beats_copy_last(result, a)}, and {b} {_beats_copy_last(result, b)}; "
+        f"at step {last} {better} is ahead by {abs(pa[-1] - pb[-1]):.1f} dB.",
+    ]
+    ha, hb = histories.get(a), histories.get(b)
+    if ha is not None and hb is not None and ha.val and hb.val:
+        va, vb = ha.val[-1], hb.val[-1]
+        ms_a = 1000 * va["time"] / max(va["step"], 1)
+        ms_b = 1000 * vb["time"] / max(vb["step"], 1)
+        faster = a if ms_a < ms_b else b
+        parts.append(
+            f"Trained for {va['step']} and {vb['step']} steps, their final validation losses "
+            f"are {va['loss/total']:.1f} ({a}) and {vb['loss/total']:.1f} ({b}), with token "
+            f"prediction losses of {va['token_nll']:.1f} and {vb['token_nll']:.1f} nats per "
+            f"frame; a training step took {ms_a:.0f} ms for {a} and {ms_b:.0f} ms for {b}, "
+            f"so {faster} trained {max(ms_a, ms_b) / min(ms_a, ms_b):.2f}x faster per step."
+        )
+    ta, tb = timings[a], timings[b]
+    slope_a = loglog_slope(ta["lengths"], ta["ms_per_step"])
+    slope_b = loglog_slope(tb["lengths"], tb["ms_per_step"])
+    ratio = [x / y for x, y in zip(ta["ms_per_step"], tb["ms_per_step"], strict=True)]
+    verdict = (
+        "attention's quadratic term is visible"
+        if slope_a > 1.5
+        else "attention's quadratic term does not show: the per-frame work (the VAE) dominates"
+    )
+    parts.append(
+        f"Over sequence lengths {ta['lengths'][0]}-{ta['lengths'][-1]}, step time grows with "
+        f"log-log slope {slope_a:.2f} for {a} and {slope_b:.2f} for {b}, and {a}/{b} step-time "
+        f"ratio goes from {ratio[0]:.2f} to {ratio[-1]:.2f}; at these lengths {verdict}."
+    )
+    return " ".join(parts)
