@@ -39,10 +39,10 @@ __all__ = [
 _LAZY = {
     "DataError": "data",
     "TrajectoryData": "data",
-    "collect": "data",
+    "collect": "collect",
     "History": "train",
     "fit": "train",
-    "load_rssm_checkpoint": "rssm",
+    "load_rssm_checkpoint": "p03",
     "psnr": "evaluate",
     "rollout_psnr": "evaluate",
 }

@@ -22,7 +22,7 @@ from .config import get_profile
 
 
 def _collect(args: argparse.Namespace) -> None:
-    from .data import collect
+    from .collect import collect
     from .workflow import data_path
 
     config = get_profile(args.profile)

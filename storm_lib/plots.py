@@ -17,7 +17,8 @@ import torch
 from matplotlib import animation
 from matplotlib.figure import Figure
 
-from .evaluate import RolloutPSNR, SlidingWindowLoss
+from .diagnostics import SlidingWindowLoss
+from .evaluate import RolloutPSNR
 
 DPI = 100
 """Resolution of every figure."""

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import RolloutPSNR, loglog_slope
+from .diagnostics import QUADRATIC_SLOPE, loglog_slope
+from .evaluate import RolloutPSNR
 
 
 def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
@@ -30,6 +31,7 @@ def comparison_paragraph(
     result: RolloutPSNR,
     histories: Mapping[str, Any],
     timings: Mapping[str, Mapping[str, Any]],
+    sequence_timings: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     names: tuple[str, str] = ("STORM", "RSSM"),
 ) -> str:
@@ -40,6 +42,7 @@ def comparison_paragraph(
         histories: ``{name: History}`` of training (an empty history is allowed for a
             loaded P03 checkpoint without one).
         timings: ``{name: step_time_vs_length(...)}`` for both backbones.
+        sequence_timings: the same with ``part="sequence"`` (the sequence model alone).
         names: the transformer model's name, then the RSSM's.
     """
     a, b = names
@@ -69,18 +72,37 @@ def comparison_paragraph(
             f"frame; a training step took {ms_a:.0f} ms for {a} and {ms_b:.0f} ms for {b}, "
             f"so {faster} trained {max(ms_a, ms_b) / min(ms_a, ms_b):.2f}x faster per step."
         )
-    ta, tb = timings[a], timings[b]
-    slope_a = loglog_slope(ta["lengths"], ta["ms_per_step"])
-    slope_b = loglog_slope(tb["lengths"], tb["ms_per_step"])
-    ratio = [x / y for x, y in zip(ta["ms_per_step"], tb["ms_per_step"], strict=True)]
-    verdict = (
-        "attention's quadratic term is visible"
-        if slope_a > 1.5
-        else "attention's quadratic term does not show: the per-frame work (the VAE) dominates"
-    )
-    parts.append(
-        f"Over sequence lengths {ta['lengths'][0]}-{ta['lengths'][-1]}, step time grows with "
-        f"log-log slope {slope_a:.2f} for {a} and {slope_b:.2f} for {b}, and {a}/{b} step-time "
-        f"ratio goes from {ratio[0]:.2f} to {ratio[-1]:.2f}; at these lengths {verdict}."
-    )
+    parts.append(_cost_sentence(timings, sequence_timings, a, b))
     return " ".join(parts)
+
+
+def _cost_sentence(
+    timings: Mapping[str, Mapping[str, Any]],
+    sequence_timings: Mapping[str, Mapping[str, Any]] | None,
+    a: str,
+    b: str,
+) -> str:
+    ta, tb = timings[a], timings[b]
+    lengths = ta["lengths"]
+    slope_a = loglog_slope(lengths, ta["ms_per_step"])
+    slope_b = loglog_slope(tb["lengths"], tb["ms_per_step"])
+    text = (
+        f"Over sequence lengths {lengths[0]}-{lengths[-1]}, a whole training step grows with "
+        f"log-log slope {slope_a:.2f} for {a} and {slope_b:.2f} for {b} (1 = linear, "
+        f"2 = quadratic)"
+    )
+    if not sequence_timings:
+        return text + "."
+    sa = sequence_timings[a]
+    tail = loglog_slope(sa["lengths"][-2:], sa["ms_per_step"][-2:])
+    share = [
+        s / w for s, w in zip(sa["ms_per_step"], ta["ms_per_step"], strict=True)
+    ]  # the Transformer's share of the whole step, per length
+    seen = "shows" if tail > QUADRATIC_SLOPE else "does not show"
+    return text + (
+        f"; the Transformer alone has slope {tail:.2f} between {sa['lengths'][-2]} and "
+        f"{sa['lengths'][-1]} steps and is {100 * share[0]:.0f}% of the step at "
+        f"{lengths[0]} steps, {100 * share[-1]:.0f}% at {lengths[-1]}, so attention's "
+        f"quadratic cost {seen} at these lengths, while the per-frame VAE work sets the "
+        f"price of a step at the training length."
+    )

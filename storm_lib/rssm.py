@@ -1,4 +1,4 @@
-"""DreamerV3-style RSSM world model (the P03 baseline) and the P03 checkpoint loader.
+"""DreamerV3-style RSSM world model, the P03 baseline (its loader is in ``p03.py``).
 
 The RSSM shares STORM's encoder/decoder family, heads, loss weights and free bits, so a
 comparison of the two is a comparison of the dynamics backbone (GRU vs Transformer).
@@ -27,32 +27,19 @@ that state). In ``loss`` this uses t = 0..T-2; the last step has no next state.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (
-    CheckpointError,
-    load_state_strict,
-    read_checkpoint,
-    safe_torch_load,
-    save_checkpoint,
-    strip_compile_prefix,
-)
-from .config import Config, get_profile
+from .config import Config
 from .losses import kl_losses, straight_through_sample, token_nll, unimix_logits
 from .nets.heads import ContinueHead, RewardHead
 from .nets.vae import Decoder, Encoder
 from .types import Batch, ImagineMode, Rollout
-from .utils import default_device
+from .utils import evaluating
 
 
 @dataclass
@@ -79,18 +66,6 @@ def _stack(states: list[RSSMState]) -> RSSMState:
     return RSSMState(
         *(torch.stack([getattr(s, n) for s in states], 1) for n in RSSMState.__annotations__)
     )
-
-
-@contextlib.contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; the previous train/eval mode is restored."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
 
 
 def _block(in_dim: int, hidden: int) -> list[nn.Module]:
@@ -145,6 +120,13 @@ class RSSMWorldModel(nn.Module):
         self.cont_head = ContinueHead(feat_dim, rssm.hidden, config.heads)
 
     # ----------------------------------------------------------------- helpers
+    @classmethod
+    def from_checkpoint(cls, path: str, device: torch.device | str | None = None) -> RSSMWorldModel:
+        """Rebuild from a file of ``storm_lib.checkpoint.save_checkpoint`` (eval mode)."""
+        from .checkpoint import load_checkpoint  # checkpoint.py imports the model classes
+
+        return load_checkpoint(path, device, kind="rssm")  # type: ignore[return-value]
+
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for parameter counts (names as STORM's; the posterior net is extra)."""
         return {
@@ -338,7 +320,7 @@ class RSSMWorldModel(nn.Module):
         if future_actions.dim() != 2 or future_actions.shape[0] != b:
             raise ValueError(f"future_actions must be [B, H-1], got {tuple(future_actions.shape)}")
         self._check_actions(future_actions)
-        with _eval_no_grad(self):
+        with evaluating(self):
             post, _ = self._observe(self.embed(context_obs), context_actions, None, mode)
             state = RSSMState(post.deter[:, -1], post.stoch[:, -1], post.logits[:, -1])
             actions = torch.cat([context_actions[:, -1:], future_actions], 1)
@@ -360,7 +342,7 @@ class RSSMWorldModel(nn.Module):
         assumed at every step. Eval mode, no gradients.
         """
         action = action if action is not None else obs.new_zeros(obs.shape[:2], dtype=torch.long)
-        with _eval_no_grad(self):
+        with evaluating(self):
             post, _ = self._observe(self.embed(obs), action, None, "mode")
             return self.decode(post.feat).clamp(0.0, 1.0)
 
@@ -372,194 +354,12 @@ class RSSMWorldModel(nn.Module):
         Entry t is frame t+1 decoded from the prior at t+1 (h_{t+1} from the posterior at t
         and ``action[:, t]``), with the real history. ``mode`` samples posterior and prior.
         """
-        with _eval_no_grad(self):
+        with evaluating(self):
             _, prior = self.observe(self.embed(obs), action, mode=mode)
             return self.decode(prior.feat[:, 1:]).clamp(0.0, 1.0)
 
     def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
         """-log p_prior(z_{t+1}) of the posterior argmax at t+1, t = 0..T-2: ``[B, T-1]`` nats."""
-        with _eval_no_grad(self):
+        with evaluating(self):
             post, prior_logits = self._observe(self.embed(obs), action, None, "mode")
             return token_nll(post.stoch[:, 1:], prior_logits[:, 1:])
-
-
-# --------------------------------------------------------------------- P03 checkpoints
-def save_p03_checkpoint(
-    model: RSSMWorldModel,
-    path: str | Path,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    step: int = 0,
-    history: dict[str, list[dict[str, float]]] | None = None,
-) -> Path:
-    """Save an RSSM where a P03 checkpoint goes, in this project's one-file format.
-
-    Format (``storm_lib.checkpoint.FORMAT``, written atomically)::
-
-        {"format": "storm_lib/1", "model": "rssm", "config": Config.to_dict(),
-         "action_dim": int, "state_dict": {name: Tensor}, "optimizer": dict | None,
-         "step": int, "history": dict | None, "train_state": None}
-
-    State-dict names (module: keys) of :class:`RSSMWorldModel`:
-
-    * ``encoder.convs.{3i}`` Conv2d, ``encoder.convs.{3i+1}`` BatchNorm2d (i < stages)
-    * ``img_in.0`` Linear(K*V + A -> hidden, no bias), ``img_in.1`` LayerNorm
-    * ``gru`` GRUCell(hidden -> deter): ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``
-    * ``prior.0`` Linear(deter -> hidden), ``prior.1`` LayerNorm, ``prior.3`` Linear(-> K*V)
-    * ``posterior.0`` Linear(deter + E -> hidden), ``posterior.1`` LayerNorm,
-      ``posterior.3`` Linear(-> K*V); E = encoder features (final channels * final size**2)
-    * ``decoder.stem.0`` Linear(deter + K*V -> ...), ``decoder.stem.1`` BatchNorm1d,
-      ``decoder.deconvs.{3i}`` ConvTranspose2d, ``decoder.deconvs.{3i+1}`` BatchNorm2d
-    * ``reward_head.net.{3j}`` Linear / ``.{3j+1}`` LayerNorm (last Linear: reward bins),
-      ``cont_head.net.*`` likewise (last Linear: 1 output)
-
-    A student's P03 notebook can write a compatible file either with this function, or
-    with ``torch.save(model.state_dict(), path)`` when its modules carry these names (a
-    ``torch.compile`` ``_orig_mod.`` prefix and nesting under ``"state_dict"`` or
-    ``"model"`` are accepted): :func:`load_rssm_checkpoint` infers the sizes from shapes.
-    """
-    if not isinstance(model, RSSMWorldModel):
-        raise TypeError(f"expected an RSSMWorldModel, got {type(model).__name__}")
-    return save_checkpoint(path, model, optimizer=optimizer, step=step, history=history)
-
-
-def _unwrap_state_dict(raw: Any, source: str) -> dict[str, Tensor]:
-    """A plain dict of tensors, possibly nested under ``"state_dict"``/``"model"`` keys."""
-    for _ in range(3):
-        if not isinstance(raw, dict):
-            break
-        inner = [raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)]
-        if not inner:
-            break
-        raw = inner[0]
-    if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"{source}: neither a storm_lib checkpoint nor a state dict")
-    bad = [k for k, v in raw.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
-    if bad:
-        raise CheckpointError(f"{source}: not a state dict (entry {bad[0]!r} is not a tensor)")
-    return strip_compile_prefix(raw)
-
-
-def _max_index(sd: dict[str, Tensor], prefix: str) -> int:
-    """Largest ``i`` among keys ``prefix.{i}.*`` (-1 if none)."""
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
-
-
-def _infer_config(sd: dict[str, Tensor], source: str) -> tuple[Config, int, str]:
-    """Config and action count of the RSSM that ``sd`` belongs to, and a note of the sizes.
-
-    deter and hidden from ``gru.weight_ih`` [3*deter, hidden]; K*V from ``prior.3.weight``;
-    A = ``img_in.0.weight`` columns - K*V; stem channels, stages and BatchNorm from the
-    encoder convs; E from ``posterior.0.weight`` columns - deter, hence the image size;
-    reward bins and MLP layers from the reward head. K and V do not change any shape:
-    the profile defaults are kept when K*V matches them, else K = V = sqrt(K*V) for a
-    square, else V = default and K = K*V / V. Reward bin range and unimix are defaults.
-    """
-
-    def shape(key: str, dims: int) -> tuple[int, ...]:
-        if key not in sd or sd[key].dim() != dims:
-            found = ", ".join(sorted(sd)[:8])
-            raise CheckpointError(
-                f"{source}: cannot infer the RSSM sizes: missing key {key!r} "
-                f"({dims}-d tensor); the file has keys like: {found}"
-            )
-        return tuple(sd[key].shape)
-
-    config = get_profile("paper")
-    config.name = "p03"
-    three_deter, hidden = shape("gru.weight_ih", 2)
-    deter = shape("gru.weight_hh", 2)[1]
-    stoch = shape("prior.3.weight", 2)[0]
-    action_dim = shape("img_in.0.weight", 2)[1] - stoch
-    stem = shape("encoder.convs.0.weight", 4)[0]
-    stages = _max_index(sd, "encoder.convs") // 3 + 1
-    batch_norm = "encoder.convs.1.running_mean" in sd
-    embed = shape("posterior.0.weight", 2)[1] - deter
-    final_channels = stem * 2 ** (stages - 1)
-    final_size = math.isqrt(max(embed // final_channels, 0))
-    last = max(_max_index(sd, "reward_head.net"), 0)
-    bins, mlp_layers = shape(f"reward_head.net.{last}.weight", 2)[0], last // 3 + 1
-    vae = config.vae
-    if stoch == vae.categoricals * vae.classes:
-        k, v = vae.categoricals, vae.classes
-    elif math.isqrt(stoch) ** 2 == stoch:
-        k = v = math.isqrt(stoch)
-    else:
-        v = vae.classes if stoch % vae.classes == 0 else stoch
-        k = stoch // v
-    note = (
-        f"inferred: deter={deter}, hidden={hidden}, K*V={stoch} (K={k}, V={v} assumed), "
-        f"action_dim={action_dim}, stem_channels={stem}, stages={stages}, "
-        f"batch_norm={batch_norm}, image_size={final_size * 2**stages}, "
-        f"reward_bins={bins}, mlp_layers={mlp_layers}"
-    )
-    if (
-        three_deter != 3 * deter
-        or action_dim < 1
-        or final_size < 1
-        or final_channels * final_size**2 != embed
-    ):
-        raise CheckpointError(f"{source}: inconsistent RSSM tensor shapes\n  {note}")
-    config.rssm.deter, config.rssm.hidden = deter, hidden
-    vae.stem_channels, vae.stages, vae.batch_norm = stem, stages, batch_norm
-    vae.categoricals, vae.classes = k, v
-    config.data.image_size = final_size * 2**stages
-    config.heads.reward_bins, config.heads.mlp_layers = bins, mlp_layers
-    return config, action_dim, note
-
-
-def load_rssm_checkpoint(
-    path: str | Path,
-    device: torch.device | str | None = None,
-    *,
-    action_dim: int | None = None,
-) -> RSSMWorldModel:
-    """Load an RSSM (P03) checkpoint: this project's format or a bare state dict.
-
-    A bare state dict (``torch.save(model.state_dict())``, optionally under ``"state_dict"``
-    or ``"model"``, optionally with ``_orig_mod.`` prefixes) must use the key names listed
-    in :func:`save_p03_checkpoint`; the sizes are inferred from the tensor shapes and any
-    mismatch names the missing and unexpected keys, the shape mismatches and the inferred
-    sizes. Files are always read with ``weights_only=True`` and ``map_location``.
-
-    Args:
-        path: the file.
-        device: where to put the model (default: CUDA if available, else CPU).
-        action_dim: if given, the dataset's action count, which the model must match.
-
-    Returns:
-        The model in eval mode on ``device``.
-
-    Raises:
-        CheckpointError: unreadable, foreign or malicious file, a STORM checkpoint, a
-            wrong action count, or weights that do not fit.
-    """
-    device = default_device(device)
-    source = str(path)
-    raw = safe_torch_load(path, device)
-    note = ""
-    if isinstance(raw, dict) and "format" in raw:
-        payload = read_checkpoint(path, device)
-        if payload["model"] != RSSMWorldModel.kind:
-            kind = str(payload["model"]).upper()
-            raise CheckpointError(f"{source}: holds a {kind} model, expected RSSM")
-        config, found_actions, state_dict = (
-            payload["config"],
-            payload["action_dim"],
-            payload["state_dict"],
-        )
-    else:
-        state_dict = _unwrap_state_dict(raw, source)
-        config, found_actions, note = _infer_config(state_dict, source)
-    if action_dim is not None and found_actions != action_dim:
-        raise CheckpointError(
-            f"{source}: wrong action count for the dataset: the model has {found_actions} "
-            f"actions, the data has {action_dim}"
-        )
-    try:
-        model = RSSMWorldModel(config, found_actions)
-    except ValueError as exc:
-        raise CheckpointError(f"{source}: cannot build the RSSM: {exc}\n  {note}") from None
-    load_state_strict(model, state_dict, source, note=note)
-    return model.to(device).eval()

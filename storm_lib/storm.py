@@ -20,9 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +30,7 @@ from .nets.heads import ContinueHead, DynamicsHead, RewardHead
 from .nets.transformer import ActionMixer, CausalTransformer, InterleavedEmbedding
 from .nets.vae import CategoricalVAE
 from .types import Batch, ImagineMode, Rollout
+from .utils import evaluating
 
 
 class STORMWorldModel(nn.Module):
@@ -74,6 +72,15 @@ class STORMWorldModel(nn.Module):
         self.dynamics = DynamicsHead(d, self.k, self.v, vcfg.unimix)
         self.reward_head = RewardHead(d, d, config.heads)
         self.cont_head = ContinueHead(d, d, config.heads)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str, device: torch.device | str | None = None
+    ) -> STORMWorldModel:
+        """Rebuild from a file of ``storm_lib.checkpoint.save_checkpoint`` (eval mode)."""
+        from .checkpoint import load_checkpoint  # checkpoint.py imports the model classes
+
+        return load_checkpoint(path, device, kind="storm")  # type: ignore[return-value]
 
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for parameter counts (the encoder includes its posterior Linear)."""
@@ -173,20 +180,9 @@ class STORMWorldModel(nn.Module):
         return total, {k: v.detach() for k, v in metrics.items()}
 
     # ---------------------------------------------------------------------- inference
-    @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
-        """Eval mode and no autograd, restoring the previous train/eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            self.train(was_training)
-
     def reconstruct(self, obs: Tensor) -> Tensor:
         """Encode -> posterior mode -> decode, clamped: ``[B, T, 3, S, S] -> same``."""
-        with self._inference():
+        with evaluating(self):
             return self.decode(self.vae.sample(self.encode(obs), "mode")).clamp(0.0, 1.0)
 
     def imagine(
@@ -228,7 +224,7 @@ class STORMWorldModel(nn.Module):
                 f"context {c} + horizon {horizon} - 1 = {c + horizon - 1} time steps exceed "
                 f"max_length={self.max_length}"
             )
-        with self._inference():
+        with evaluating(self):
             z = self.vae.sample(self.encode(context_obs), mode)  # [B, C, K, V]
             cache = self.transformer.new_cache(b) if use_cache else None
             seq_z, seq_a = z, context_actions
@@ -271,7 +267,7 @@ class STORMWorldModel(nn.Module):
         Shapes:
             ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1, 3, S, S]`` in [0, 1].
         """
-        with self._inference():
+        with evaluating(self):
             _, prior = self._teacher_forced(obs, action, mode)
             return self.decode(self.vae.sample(prior, mode)).clamp(0.0, 1.0)
 
@@ -281,7 +277,7 @@ class STORMWorldModel(nn.Module):
         Shapes:
             ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1]``.
         """
-        with self._inference():
+        with evaluating(self):
             z, prior = self._teacher_forced(obs, action, "mode")
             return token_nll(z[:, 1:], prior)
 
@@ -292,7 +288,7 @@ class STORMWorldModel(nn.Module):
             ``obs [B, T, 3, S, S], action [B, T] -> [layers, B, heads, N, N]``,
             N = T (fused) or 2T (interleaved).
         """
-        with self._inference():
+        with evaluating(self):
             self._check(obs, action)
             self._check_length(obs.shape[1], "obs")
             z = self.vae.sample(self.encode(obs), "mode")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def default_device(device: torch.device | str | None = None) -> torch.device:
@@ -32,3 +33,16 @@ def autocast(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and ``torch.inference_mode`` inside; the previous train/eval mode is
+    restored afterwards (imagination and diagnostics never leave a model switched)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        module.train(was_training)

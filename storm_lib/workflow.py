@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from .collect import collect
 from .config import Config, get_profile
-from .data import DataError, TrajectoryData, collect
+from .data import DataError, TrajectoryData
 from .models import build_world_model
 from .train import History, fit
 from .types import WorldModel
@@ -116,8 +117,10 @@ def train_or_load(
 
 
 def _training_fields(config: Config) -> dict:
-    """The parts of a config that define a trained model (not its name or evaluation)."""
+    """The parts of a config that define a training run, except its length: a checkpoint
+    that matches them and has fewer steps is resumed, one with enough steps is reused."""
     raw = config.to_dict()
+    raw["train"].pop("steps")
     return {k: v for k, v in raw.items() if k not in ("name", "eval")}
 
 
@@ -139,8 +142,8 @@ def evaluate_checkpoints(
     ``out/psnr_vs_horizon.png``. Returns ``RolloutPSNR.to_dict()``.
     """
     from .evaluate import rollout_psnr
+    from .p03 import load_rssm_checkpoint
     from .plots import plot_psnr_vs_horizon
-    from .rssm import load_rssm_checkpoint
 
     if storm is None and rssm is None:
         raise ValueError("give --storm and/or --rssm")
@@ -192,7 +195,7 @@ def load_p03(
     path: str | Path, device: torch.device | str | None = None, *, action_dim: int | None = None
 ) -> tuple[WorldModel, History]:
     """A P03 (RSSM) checkpoint and its training history (empty for a bare state dict)."""
-    from .rssm import load_rssm_checkpoint
+    from .p03 import load_rssm_checkpoint
 
     model = load_rssm_checkpoint(path, device, action_dim=action_dim)
     try:

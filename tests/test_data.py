@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from storm_lib.data import DataError, TrajectoryData, collect
+from storm_lib.collect import collect
+from storm_lib.data import DataError, TrajectoryData
 
 BOXING = "ALE/Boxing-v5"
 gymnasium.register_envs(ale_py)

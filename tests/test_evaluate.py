@@ -14,15 +14,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from storm_lib.evaluate import (
+from storm_lib.diagnostics import (
     attention_cost_sentence,
-    psnr,
-    reconstruction_psnr,
-    rollout_psnr,
     rule_of_thumb,
     sliding_window_token_loss,
     teacher_forcing_gap,
 )
+from storm_lib.evaluate import psnr, reconstruction_psnr, rollout_psnr
 from storm_lib.types import Batch, Rollout
 
 DELTA = 0.01
@@ -296,7 +294,7 @@ def test_real_models_smoke() -> None:
     pytest.importorskip("storm_lib.storm", reason="STORM model not written yet")
     pytest.importorskip("storm_lib.rssm", reason="RSSM model not written yet")
     from storm_lib.config import get_profile
-    from storm_lib.evaluate import step_time_vs_length
+    from storm_lib.diagnostics import step_time_vs_length
     from storm_lib.models import build_world_model
 
     config = get_profile("smoke")

@@ -16,7 +16,8 @@ from matplotlib import animation
 from matplotlib.figure import Figure
 
 from storm_lib import plots
-from storm_lib.evaluate import RolloutPSNR, SlidingWindowLoss, StepStats
+from storm_lib.diagnostics import SlidingWindowLoss
+from storm_lib.evaluate import RolloutPSNR, StepStats
 
 H, S = 4, 8
 

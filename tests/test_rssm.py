@@ -13,7 +13,8 @@ from torch import nn
 
 from storm_lib.checkpoint import CheckpointError, save_checkpoint
 from storm_lib.config import Config, get_profile
-from storm_lib.rssm import RSSMWorldModel, load_rssm_checkpoint, save_p03_checkpoint
+from storm_lib.p03 import load_rssm_checkpoint, save_p03_checkpoint
+from storm_lib.rssm import RSSMWorldModel
 from storm_lib.types import Batch, Rollout, WorldModel
 
 A = 4

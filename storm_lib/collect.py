@@ -1,0 +1,171 @@
+"""Collection from the real Atari game: ``collect()`` writes one ``.npz`` file.
+
+Preprocessing follows STORM / DreamerV3: ``frameskip`` emulator frames per agent step with
+the last two max-pooled, sticky actions inside the emulator (ALE v5), the game's minimal
+action set, ``image_size`` x ``image_size`` RGB, and life loss recorded as ``cont = 0``
+while the episode itself goes on (STORM's "use of life information").
+
+The file layout is described in ``data.py``.
+
+Implementation notes: the hot loop drives ``env.unwrapped.ale`` directly (the same calls
+gymnasium's ``AtariEnv.step`` makes with ``frameskip=1``; a test checks the two agree),
+stickiness is drawn per emulator frame by ALE as in v5, a life loss does not cut the
+frame skip short (only game over does, like STORM's max-and-skip wrapper), and frames are
+resized in batches with PyTorch's antialiased bilinear filter, which equals PIL's
+``BILINEAR`` within one grey level and is about 5x faster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import FORMAT, DataError, write_npz
+
+_CHUNK = 256  # frames resized per batch
+
+
+def _make_env(env_id: str, frameskip: int, sticky_prob: float) -> Any:
+    """A gymnasium ALE env stepping one emulator frame; ``DataError`` for an unknown id."""
+    import ale_py
+    import gymnasium
+
+    gymnasium.register_envs(ale_py)
+    try:
+        env = gymnasium.make(
+            env_id, frameskip=1, repeat_action_probability=sticky_prob,
+            max_num_frames_per_episode=0,
+        )  # fmt: skip
+    except gymnasium.error.Error as e:
+        raise DataError(f"unknown env id {env_id!r}: {e}") from e
+    except TypeError as e:
+        raise DataError(f"env id {env_id!r} is not an ALE game: {e}") from e
+    if not isinstance(env.unwrapped, ale_py.AtariEnv):
+        env.close()
+        raise DataError(f"env id {env_id!r} is not an ALE game")
+    return env
+
+
+def _resize(raw: np.ndarray, out: np.ndarray) -> None:
+    """Bilinear, antialiased resize of ``[n, H, W, 3]`` uint8 into ``out`` ``[n, 3, S, S]``.
+
+    Same filter as PIL's ``BILINEAR`` (within one grey level), about 5x faster as a batch.
+    """
+    x = torch.from_numpy(raw).permute(0, 3, 1, 2)  # [n,3,H,W], channels_last view
+    y = F.interpolate(x, size=out.shape[-2:], mode="bilinear", antialias=True)
+    np.copyto(out, y.permute(0, 2, 3, 1).numpy().transpose(0, 3, 1, 2))  # fast in NumPy
+
+
+def _check_collect_args(steps: int, image_size: int, frameskip: int, sticky: float, mx: int):
+    if steps < 1 or image_size < 1 or frameskip < 1 or mx < 1:
+        raise DataError(
+            f"steps, image_size, frameskip and max_episode_steps must be >= 1, got "
+            f"{steps}, {image_size}, {frameskip}, {mx}"
+        )
+    if not 0.0 <= sticky <= 1.0:
+        raise DataError(f"sticky_prob must be in [0, 1], got {sticky}")
+
+
+def collect(
+    env_id: str,
+    steps: int,
+    seed: int,
+    path: str | Path,
+    *,
+    image_size: int = 64,
+    frameskip: int = 4,
+    sticky_prob: float = 0.25,
+    max_episode_steps: int = 27_000,
+    progress: bool = True,
+) -> Path:
+    """Play ``steps`` agent steps of a uniformly random policy and write them to ``path``.
+
+    The env is seeded with ``seed`` on its first reset only (later resets carry its RNG on)
+    and the policy draws from ``numpy.random.default_rng(seed)``, so a run is a pure
+    function of its arguments. Episodes end on game over or after ``max_episode_steps``;
+    the last one may be partial. The ``.npz`` is written atomically (temp file + rename).
+
+    Args:
+        env_id (str): an ALE id such as ``"ALE/Boxing-v5"``.
+        steps (int): agent steps to record (rows N of the file).
+        seed (int): seed of the environment and of the policy.
+        path (str | Path): the ``.npz`` to write (parent folders are created).
+        image_size (int): S, side of the stored frames. Default 64.
+        frameskip (int): emulator frames per agent step. Default 4.
+        sticky_prob (float): probability that the emulator repeats the previous action.
+        max_episode_steps (int): truncation length in agent steps. Default 27000.
+        progress (bool): show a tqdm bar. Default True.
+
+    Returns:
+        Path: ``path``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_collect_args(steps, image_size, frameskip, sticky_prob, max_episode_steps)
+    path = Path(path)
+    env = _make_env(env_id, frameskip, sticky_prob)
+    try:
+        env.reset(seed=seed)
+        ale, action_set = env.unwrapped.ale, env.unwrapped._action_set
+        meanings = list(env.unwrapped.get_action_meanings())
+        height, width = ale.getScreenDims()
+        actions = np.random.default_rng(seed).integers(0, len(action_set), size=steps)
+        obs = np.empty((steps, 3, image_size, image_size), np.uint8)
+        reward = np.empty(steps, np.float32)
+        cont = np.empty(steps, np.float32)
+        episode = np.empty(steps, np.int32)
+        raw = np.empty((_CHUNK, height, width, 3), np.uint8)  # full-size frames awaiting resize
+        prev = np.empty((height, width, 3), np.uint8)  # second-to-last frame of a step
+        ale.getScreenRGB(raw[0])
+        lives, ep, ep_len, c0 = ale.lives(), 0, 0, 0
+        bar = tqdm(total=steps, disable=not progress, unit="step", desc=f"collect {env_id}")
+        for t in range(steps):
+            a, r = action_set[actions[t]], 0.0
+            for k in range(frameskip):
+                r += ale.act(a)
+                if k == frameskip - 2:
+                    ale.getScreenRGB(prev)
+                if ale.game_over(with_truncation=False):
+                    break
+            over = ale.game_over(with_truncation=False)
+            now = ale.lives()
+            reward[t], cont[t], episode[t] = r, 0.0 if over or now < lives else 1.0, ep
+            lives, ep_len = now, ep_len + 1
+            if t + 1 == steps:
+                break
+            if t + 1 - c0 == _CHUNK:  # flush a full chunk of raw frames
+                _resize(raw, obs[c0 : c0 + _CHUNK])
+                bar.update(_CHUNK)
+                c0 += _CHUNK
+            slot = raw[t + 1 - c0]
+            if over or ep_len >= max_episode_steps:
+                env.reset()
+                ale.getScreenRGB(slot)
+                lives, ep, ep_len = ale.lives(), ep + 1, 0
+            else:
+                ale.getScreenRGB(slot)
+                if frameskip > 1:
+                    np.maximum(slot, prev, out=slot)
+        _resize(raw[: steps - c0], obs[c0:])
+        bar.update(steps - c0)
+        bar.close()
+    finally:
+        env.close()
+    import ale_py
+    import gymnasium
+
+    meta = dict(
+        env_id=env_id, seed=int(seed), steps=int(steps), policy="uniform random",
+        action_dim=len(action_set), action_meanings=meanings, image_size=int(image_size),
+        frameskip=int(frameskip), sticky_prob=float(sticky_prob),
+        max_episode_steps=int(max_episode_steps),
+        episodes=int(episode[-1]) + 1, format=FORMAT,
+        versions=dict(gymnasium=gymnasium.__version__, ale_py=ale_py.__version__,
+                      numpy=np.__version__),
+    )  # fmt: skip
+    arrays = dict(obs=obs, action=actions.astype(np.int64), reward=reward, cont=cont)
+    return write_npz(path, dict(arrays, episode=episode), meta)

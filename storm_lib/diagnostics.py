@@ -1,0 +1,335 @@
+"""Diagnostics from the course notes, and cost measurements.
+
+* the teacher-forcing gap: one-step PSNR from the real history against free-running PSNR;
+* the sliding-window token loss (20 vs 50 steps of context);
+* the notes' rule of thumb (a drop of more than 5 dB within 10 steps);
+* step time against sequence length for either backbone, and what it says about
+  attention's quadratic cost.
+
+Glossary: B batch, T time, C context, H horizon, S image side.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .evaluate import (
+    Data,
+    StepStats,
+    _check_model,
+    _chunks,
+    _evaluating,
+    _imagine,
+    _model_device,
+    _windows,
+    psnr,
+)
+from .models import build_world_model
+from .types import Batch, ImagineMode, WorldModel
+from .utils import default_device
+
+QUADRATIC_SLOPE = 1.5
+"""A log-log slope of time against length above this (closer to 2 than to 1) counts as
+quadratic growth."""
+
+
+def teacher_forcing_gap(
+    model: WorldModel,
+    windows: Batch,
+    *,
+    context: int,
+    horizon: int,
+    mode: ImagineMode = "sample",
+    seed: int = 1234,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    cap: float = 100.0,
+) -> dict[str, Any]:
+    """Teacher-forced one-step PSNR vs free-running PSNR at each horizon step.
+
+    Teacher-forced: ``predict_one_step`` on the whole window; frame ``C+k`` is predicted
+    from the real history up to ``C+k-1``. Free-running: ``imagine`` from the ``C``
+    context frames. Both use ``mode`` and the same seeded RNG, so at step 1 they agree.
+    The whole ``C + H`` window goes through ``predict_one_step``, so ``C + H`` must fit
+    in ``max_length``.
+
+    Returns:
+        ``steps`` ``[H]`` (1..H), ``teacher_forced`` and ``free_running`` mean PSNR ``[H]``
+        with ``*_hw`` 95% half-widths, ``gap`` = teacher_forced - free_running ``[H]``
+        (dB lost to feeding back the model's own predictions), and ``n``.
+    """
+    length = context + horizon
+    windows = _windows(windows, length, len(windows), seed)
+    _check_model("model", model, steps=length, action_dim=None, windows=windows)
+    dev = _model_device(model, device)
+    forced, free = [], []
+    with torch.inference_mode(), _evaluating(model, seed, dev):
+        for chunk in _chunks(windows, batch_size):
+            chunk = chunk.to(dev)
+            target = chunk.obs[:, context:length]
+            one_step = model.predict_one_step(chunk.obs, chunk.action, mode=mode)
+            one_step = one_step[:, context - 1 : length - 1].clamp(0.0, 1.0)
+            forced.append(psnr(one_step, target, cap=cap).cpu().numpy())
+            pred = _imagine(model, chunk, context, horizon, mode)
+            free.append(psnr(pred, target, cap=cap).cpu().numpy())
+    tf, fr = (
+        StepStats.from_values(np.concatenate(forced)),
+        StepStats.from_values(np.concatenate(free)),
+    )
+    return {
+        "steps": np.arange(1, horizon + 1),
+        "teacher_forced": tf.mean,
+        "teacher_forced_hw": tf.half_width,
+        "free_running": fr.mean,
+        "free_running_hw": fr.half_width,
+        "gap": tf.mean - fr.mean,
+        "n": tf.n,
+    }
+
+
+@dataclass
+class SlidingWindowLoss:
+    """Result of :func:`sliding_window_token_loss`; NaN marks a window not measurable."""
+
+    nll: dict[int, float]
+    """Window length -> mean teacher-forced token NLL (nats/frame)."""
+    per_position: dict[int, np.ndarray] = field(default_factory=dict)
+    """Window length -> ``[length - 1]`` mean NLL at each predicted position."""
+    notes: list[str] = field(default_factory=list)
+    """Why a window is NaN (e.g. ``max_length`` too short)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict."""
+        return {
+            "nll": dict(self.nll),
+            "per_position": {k: v.tolist() for k, v in self.per_position.items()},
+            "notes": list(self.notes),
+        }
+
+
+def sliding_window_token_loss(
+    model: WorldModel,
+    data: Data,
+    *,
+    windows: Sequence[int] = (20, 50),
+    count: int = 64,
+    seed: int = 1234,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> SlidingWindowLoss:
+    """Mean teacher-forced token NLL on held-out windows of each length (the notes' rule).
+
+    A widening gap between short and long windows means prediction degrades with longer
+    contexts. A window longer than the model's ``max_length``, or one the data cannot
+    supply, is not an error: its entry is NaN and ``notes`` says why.
+
+    Returns:
+        :class:`SlidingWindowLoss`.
+
+    Shapes:
+        ``token_nll_per_step(obs [b, L, ...], action [b, L]) -> [b, L - 1]``.
+    """
+    out = SlidingWindowLoss(nll={})
+    max_length = getattr(model, "max_length", None)
+    dev = _model_device(model, device)
+    for length in windows:
+        if max_length is not None and length > max_length:
+            out.nll[length] = math.nan
+            out.notes.append(f"window {length}: not measurable, max_length={max_length}")
+            continue
+        try:
+            batch = _windows(data, length, count, seed)
+        except ValueError as err:
+            out.nll[length] = math.nan
+            out.notes.append(f"window {length}: not measurable, {err}")
+            continue
+        rows = []
+        with torch.inference_mode(), _evaluating(model, seed, dev):
+            for chunk in tqdm(list(_chunks(batch, batch_size)), disable=not progress):
+                chunk = chunk.to(dev)
+                rows.append(model.token_nll_per_step(chunk.obs, chunk.action).double().cpu())
+        nll = torch.cat(rows).numpy()
+        out.nll[length] = float(nll.mean())
+        out.per_position[length] = nll.mean(axis=0)
+    return out
+
+
+def rule_of_thumb(per_step_psnr: np.ndarray, name: str, threshold_db: float = 5.0) -> str:
+    """The notes' rule as a sentence: a drop > ``threshold_db`` within 10 steps blames
+    the teacher-forcing gap. The drop is step 1 minus the lowest PSNR of steps 1..10."""
+    values = np.asarray(per_step_psnr, dtype=np.float64)[:10]
+    if values.size < 2:
+        return f"{name}: fewer than 2 steps, the rule of thumb needs a curve."
+    worst = int(np.argmin(values))
+    drop = float(values[0] - values[worst])
+    span = f"from step 1 to step {worst + 1} ({values[0]:.1f} -> {values[worst]:.1f} dB)"
+    if drop <= 0:
+        first = f"step 1: {values[0]:.1f} dB"
+        return f"{name}: PSNR does not fall over steps 1-{values.size} ({first})."
+    head = f"{name}: PSNR falls {drop:.1f} dB {span}"
+    if drop > threshold_db:
+        return (
+            f"{head}, more than the notes' {threshold_db:g} dB within the first 10 steps: "
+            "by their rule of thumb the teacher-forcing gap is the primary cause "
+            "(remedies: scheduled sampling or self-forcing)."
+        )
+    return f"{head}, within the notes' {threshold_db:g} dB rule of thumb."
+
+
+def step_time_vs_length(
+    kind: str,
+    config: Config,
+    action_dim: int,
+    *,
+    lengths: Sequence[int] = (16, 32, 64, 128, 256),
+    batch_size: int | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    mode: Literal["train", "infer"] = "train",
+    part: Literal["model", "sequence"] = "model",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Median time of one step of a fresh ``kind`` model at each sequence length.
+
+    ``"train"``: loss + backward + gradient clipping + Adam step in train mode.
+    ``"infer"``: the loss forward in eval mode under ``no_grad``. Inputs are random
+    frames and actions: timing does not depend on the values. The config is copied with
+    ``transformer.max_length >= max(lengths)`` (the RSSM ignores it).
+
+    ``part="sequence"`` times the sequence model alone on random inputs (STORM: the
+    causal Transformer over the step tokens; RSSM: the GRU recurrence of ``observe``
+    over encoder-sized embeddings), forward and backward, so that the cost of
+    attention is not hidden behind the per-frame VAE.
+
+    Returns:
+        ``kind``, ``mode``, ``lengths``, ``ms_per_step`` and ``ms_per_frame``
+        (per step / (batch * length)) lists, ``batch_size``, ``device``,
+        ``train_length`` (the profile's training sequence length).
+    """
+    cfg = copy.deepcopy(config)
+    cfg.transformer.max_length = max(cfg.transformer.max_length, max(lengths))
+    batch = batch_size or cfg.train.batch_size
+    dev = default_device(device)
+    size = cfg.data.image_size
+    ms_step: list[float] = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_world_model(kind, cfg, action_dim, dev)  # type: ignore[arg-type]
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        model.train(mode == "train")
+        for length in tqdm(lengths, desc=f"step time {kind}", disable=not progress):
+            data = Batch(
+                obs=torch.rand(batch, length, 3, size, size, device=dev),
+                action=torch.randint(0, action_dim, (batch, length), device=dev),
+                reward=torch.randn(batch, length, device=dev),
+                cont=torch.ones(batch, length, device=dev),
+            )
+            run = _sequence_only(model, kind, data) if part == "sequence" else model.loss
+            times = []
+            for i in range(warmup + repeats):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                start = time.perf_counter()
+                if mode == "train":
+                    loss, _ = run(data)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                    opt.step()
+                else:
+                    with torch.no_grad():
+                        run(data)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+            ms_step.append(1000.0 * statistics.median(times))
+    return {
+        "kind": kind,
+        "mode": mode,
+        "part": part,
+        "lengths": list(lengths),
+        "ms_per_step": ms_step,
+        "ms_per_frame": [ms / (batch * n) for ms, n in zip(ms_step, lengths, strict=True)],
+        "batch_size": batch,
+        "device": str(dev),
+        "train_length": cfg.train.seq_len,
+    }
+
+
+def _sequence_only(model: Any, kind: str, data: Batch) -> Any:
+    """A ``loss``-like callable that runs only the sequence model of ``model``."""
+    b, t = data.action.shape
+    if kind == "storm":
+        width = model.config.transformer.width
+        tokens = torch.randn(b, t * model.embed.tokens_per_step, width, device=data.obs.device)
+
+        def run(_: Batch) -> tuple[torch.Tensor, dict]:
+            return model.transformer(tokens).square().mean(), {}
+
+        return run
+    embed = torch.randn(b, t, model.encoder.feature_dim, device=data.obs.device)
+
+    def run_rssm(_: Batch) -> tuple[torch.Tensor, dict]:
+        posts, _ = model.observe(embed, data.action)
+        return posts.deter.square().mean(), {}
+
+    return run_rssm
+
+
+def loglog_slope(lengths: Sequence[float], ms: Sequence[float]) -> float:
+    """Least-squares slope of log(ms) against log(length): 1 linear, 2 quadratic."""
+    return float(np.polyfit(np.log(lengths), np.log(ms), 1)[0])
+
+
+def attention_cost_sentence(
+    timings_storm: Mapping[str, Any],
+    timings_rssm: Mapping[str, Any],
+    *,
+    quadratic_slope: float = QUADRATIC_SLOPE,
+) -> str:
+    """Whether attention's quadratic cost shows in measured step times, as a sentence.
+
+    Uses the log-log slope over all lengths for both models, and STORM's slope between
+    its two longest lengths: above ``quadratic_slope`` (closer to 2 than to 1) the
+    quadratic term is called visible. If the timings carry ``train_length``, the
+    sentence also says how STORM scales over the lengths up to twice it.
+    """
+    ls, ms = timings_storm["lengths"], timings_storm["ms_per_step"]
+    if len(ls) < 2:
+        raise ValueError("need timings at 2 or more lengths")
+    overall = loglog_slope(ls, ms)
+    rssm = loglog_slope(timings_rssm["lengths"], timings_rssm["ms_per_step"])
+    tail = loglog_slope(ls[-2:], ms[-2:])
+    visible = tail > quadratic_slope
+    text = (
+        f"Step time vs sequence length ({ls[0]}-{ls[-1]} steps), log-log slope "
+        f"(1 = linear, 2 = quadratic): STORM {overall:.2f}, RSSM {rssm:.2f}; "
+        f"STORM's slope between {ls[-2]} and {ls[-1]} steps is {tail:.2f}, so attention's "
+        f"quadratic cost is {'visible' if visible else 'not visible'} at these lengths"
+    )
+    train_length = timings_storm.get("train_length")
+    if train_length:
+        near = [i for i, n in enumerate(ls) if n <= 2 * train_length]
+        idx = near if len(near) >= 2 else [0, 1]
+        local = loglog_slope([ls[i] for i in idx], [ms[i] for i in idx])
+        verdict = "quadratic-dominated" if local > quadratic_slope else "not quadratic-dominated"
+        text += (
+            f"; around the training length of {train_length} steps (lengths "
+            f"{ls[idx[0]]}-{ls[idx[-1]]}) STORM's slope is {local:.2f}, {verdict}"
+        )
+    return text + "."
