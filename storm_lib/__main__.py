@@ -81,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         count=args.count,
         profile=args.profile,
         device=args.device,
+        fvd=args.fvd,
     )
 
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="trajectories .npz (its held-out episodes)")
     p.add_argument("--out", default="figures", help="folder for the PSNR figure")
     p.add_argument("--count", type=int, help="evaluation windows (default: the profile's)")
+    p.add_argument("--fvd", action="store_true", help="also FVD on the profile's fvd_count clips")
     p.add_argument("--profile", help="profile for the evaluation settings")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=_evaluate)

@@ -31,6 +31,12 @@ from .utils import default_device
 FORMAT = "storm_lib/1"
 KINDS = ("storm", "rssm")
 COMPILE_PREFIX = "_orig_mod."
+_ENTRIES = {  # entries every file holds, and their allowed types (see FORMAT)
+    "state_dict": (dict,),
+    "optimizer": (dict, type(None)),
+    "history": (dict, type(None)),
+    "train_state": (dict, type(None)),
+}
 
 
 class CheckpointError(Exception):
@@ -110,6 +116,10 @@ def load_state_strict(model: nn.Module, state_dict: Any, source: str, note: str 
             + listing("shape mismatches", shapes)
             + (f"\n  {note}" if note else "")
         )
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:  # save_checkpoint never writes these: the file is damaged or foreign
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {bad[0]}{more}")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -175,6 +185,9 @@ def read_checkpoint(path: str | Path, device: torch.device | str | None = None) 
     step = raw.get("step", 0)
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{source}: invalid step {step!r}")
+    wrong = [k for k, types in _ENTRIES.items() if not isinstance(raw.get(k, ...), types)]
+    if wrong:
+        raise CheckpointError(f"{source}: damaged checkpoint: entries {wrong} missing or malformed")
     try:
         config = Config.from_dict(raw.get("config"))
     except (TypeError, ValueError) as exc:

@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,27 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The ``KEYS`` and ``meta`` arrays of an ``.npz`` (never unpickles), CRC-checked.
+
+    ``np.load`` stops reading a member at the array's last byte, so when the size in the
+    zip directory is damaged too, zipfile never reaches the end of the stream and never
+    checks the CRC-32: corrupt frames load silently. Reading one byte more forces the check.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        missing = [k for k in (*KEYS, "meta") if k not in names]
+        if missing:
+            raise DataError(f"{path}: missing arrays {missing} (has {sorted(names)})")
+        arrays = {}
+        for key in (*KEYS, "meta"):
+            with archive.open(names[key]) as member:
+                arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                if member.read(1):
+                    raise DataError(f"{path}: stray bytes after the array {key!r}")
+    return arrays
 
 
 def _validate(arrays: dict[str, Any], meta: dict[str, Any] | None, where: str) -> tuple:
@@ -109,14 +129,13 @@ class TrajectoryData:
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                missing = [k for k in (*KEYS, "meta") if k not in npz.files]
-                if missing:
-                    raise DataError(f"{path}: missing arrays {missing} (has {npz.files})")
-                arrays = {k: npz[k] for k in (*KEYS, "meta")}
+            arrays = _read_npz(path)
         except DataError:
             raise
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        except MemoryError as e:  # sizes come from the file's headers: huge ones are refused
+            raise DataError(f"{path}: its arrays do not fit in memory ({e})") from e
+        except Exception as e:  # zipfile, zlib and numpy raise many types (OSError, ValueError,
+            # BadZipFile, zlib.error, even tokenize.TokenError) for bad files: all mean unusable
             raise DataError(f"{path}: truncated or corrupt data file ({e})") from e
         raw = arrays.pop("meta")
         try:

@@ -122,6 +122,8 @@ def _infer_config(sd: dict[str, Tensor], source: str) -> tuple[Config, int, str]
     stages = _max_index(sd, "encoder.convs") // 3 + 1
     batch_norm = "encoder.convs.1.running_mean" in sd
     embed = shape("posterior.0.weight", 2)[1] - deter
+    if min(stem, stoch, deter, hidden) < 1:
+        raise CheckpointError(f"{source}: a layer of the RSSM has zero width")
     final_channels = stem * 2 ** (stages - 1)
     final_size = math.isqrt(max(embed // final_channels, 0))
     last = max(_max_index(sd, "reward_head.net"), 0)

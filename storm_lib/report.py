@@ -33,6 +33,7 @@ def comparison_paragraph(
     timings: Mapping[str, Mapping[str, Any]],
     sequence_timings: Mapping[str, Mapping[str, Any]] | None = None,
     *,
+    fvd: Mapping[str, float] | None = None,
     names: tuple[str, str] = ("STORM", "RSSM"),
 ) -> str:
     """A paragraph comparing the two architectures from measured results.
@@ -43,6 +44,7 @@ def comparison_paragraph(
             loaded P03 checkpoint without one).
         timings: ``{name: step_time_vs_length(...)}`` for both backbones.
         sequence_timings: the same with ``part="sequence"`` (the sequence model alone).
+        fvd: ``{name: FVD}`` on the same windows, if measured.
         names: the transformer model's name, then the RSSM's.
     """
     a, b = names
@@ -59,6 +61,12 @@ def comparison_paragraph(
         f"{a} {_beats_copy_last(result, a)}, and {b} {_beats_copy_last(result, b)}; "
         f"at step {last} {better} is ahead by {abs(pa[-1] - pb[-1]):.1f} dB.",
     ]
+    if fvd:
+        lower = min(fvd, key=fvd.get)
+        parts.append(
+            f"FVD of the {result.context}+{result.horizon}-frame clips is {fvd[a]:.0f} for {a} "
+            f"and {fvd[b]:.0f} for {b}: {lower}'s imagined motion is closer to the real one."
+        )
     ha, hb = histories.get(a), histories.get(b)
     if ha is not None and hb is not None and ha.val and hb.val:
         va, vb = ha.val[-1], hb.val[-1]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import TrajectoryData
+from .data import DataError, TrajectoryData
 from .types import Batch, WorldModel
 from .utils import autocast, default_device, seed_everything
 
@@ -166,12 +166,18 @@ def fit(
     Raises:
         TrainingError: mismatched data and model (before any step), or a non-finite
             loss (naming the step and the term; the last good checkpoint is kept).
+        DataError: a split has no episode as long as ``config.seq_len`` (before any step).
 
     A KeyboardInterrupt saves a checkpoint at the last completed step and returns
     the history so far.
     """
     device = default_device(device)
     check_compatible(model, train_data, config.seq_len)
+    for role, data in (("training", train_data), ("validation", val_data)):
+        try:  # fail before any step (and say which split) if no window fits an episode
+            data.valid_starts(config.seq_len)
+        except DataError as exc:
+            raise DataError(f"{role} data: {exc} (train.seq_len = {config.seq_len})") from None
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)  # type: ignore[attr-defined]

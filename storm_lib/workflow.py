@@ -133,13 +133,16 @@ def evaluate_checkpoints(
     count: int | None = None,
     profile: str | None = None,
     device: torch.device | str | None = None,
+    fvd: bool = False,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
     Loads the STORM checkpoint and/or the RSSM (P03) checkpoint, scores both on the same
     fixed evaluation windows, prints the table of steps 1, 3, 5, 10 (with each model's
     reconstruction ceiling and the copy-last-frame baseline) and writes
-    ``out/psnr_vs_horizon.png``. Returns ``RolloutPSNR.to_dict()``.
+    ``out/psnr_vs_horizon.png``. With ``fvd``, also the FVD of each model's clips on
+    the profile's ``eval.fvd_count`` windows (skipped with a sentence when the I3D
+    weights are not installed). Returns ``RolloutPSNR.to_dict()`` (plus ``"fvd"``).
     """
     from .evaluate import rollout_psnr
     from .p03 import load_rssm_checkpoint
@@ -176,7 +179,24 @@ def evaluate_checkpoints(
     figure = plot_psnr_vs_horizon(result)
     figure.savefig(out / "psnr_vs_horizon.png", dpi=100, bbox_inches="tight")
     print(f"wrote {out / 'psnr_vs_horizon.png'} in {time.perf_counter() - start:.0f} s")
-    return result.to_dict()
+    summary = result.to_dict()
+    if fvd and ev.fvd_count:
+        from .fvd import fvd_for_models
+        from .nets.i3d import FVDWeightsError
+
+        windows = val_data.eval_windows(ev.fvd_count, ev.context + ev.horizon, ev.seed)
+        try:
+            scores = fvd_for_models(
+                models, windows, context=ev.context, horizon=ev.horizon, seed=ev.seed,
+                device=device,
+            )  # fmt: skip
+        except FVDWeightsError as exc:
+            print(f"FVD skipped: {exc}")
+        else:
+            values = ", ".join(f"{k} {v:.0f}" for k, v in scores["fvd"].items())
+            print(f"FVD over {scores['clips']} clips ({scores['seconds']:.0f} s): {values}")
+            summary["fvd"] = scores
+    return summary
 
 
 def get_profile_for_eval(

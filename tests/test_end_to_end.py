@@ -45,9 +45,10 @@ def test_cli_collect_train_evaluate(tmp_path):
         data,
         "--out",
         "figs",
+        "--fvd",
         cwd=tmp_path,
     )
-    assert "copy-last" in text
+    assert "copy-last" in text and "FVD over 4 clips" in text
     assert (tmp_path / "figs" / "psnr_vs_horizon.png").exists()
 
 

@@ -37,13 +37,14 @@ def test_paragraph_follows_the_numbers():
     hist = {"STORM": history(100.0), "RSSM": history(300.0)}
     text = comparison_paragraph(
         result(30.0, 26.0), hist, {"STORM": timings(1.0), "RSSM": timings(1.0)},
-        {"STORM": timings(2.0), "RSSM": timings(1.0)},
+        {"STORM": timings(2.0), "RSSM": timings(1.0)}, fvd={"STORM": 90.0, "RSSM": 200.0},
     )  # fmt: skip
     assert "STORM beats copy-last at every step from 3 to 10" in text
     assert "RSSM does not beat copy-last" in text
     assert "at step 10 STORM is ahead by 4.0 dB" in text
     assert "STORM trained 3.00x faster per step" in text
     assert "quadratic cost shows" in text
+    assert "90 for STORM and 200 for RSSM: STORM's imagined motion is closer" in text
 
     text = comparison_paragraph(
         result(26.0, 30.0), {"STORM": history(300.0), "RSSM": history(100.0)},
