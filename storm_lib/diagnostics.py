@@ -28,7 +28,6 @@ from .evaluate import (
     Data,
     StepStats,
     _check_model,
-    _chunks,
     _evaluating,
     _imagine,
     _model_device,
@@ -75,7 +74,7 @@ def teacher_forcing_gap(
     dev = _model_device(model, device)
     forced, free = [], []
     with torch.inference_mode(), _evaluating(model, seed, dev):
-        for chunk in _chunks(windows, batch_size):
+        for chunk in windows.chunks(batch_size):
             chunk = chunk.to(dev)
             target = chunk.obs[:, context:length]
             one_step = model.predict_one_step(chunk.obs, chunk.action, mode=mode)
@@ -157,7 +156,7 @@ def sliding_window_token_loss(
             continue
         rows = []
         with torch.inference_mode(), _evaluating(model, seed, dev):
-            for chunk in tqdm(list(_chunks(batch, batch_size)), disable=not progress):
+            for chunk in tqdm(batch.chunks(batch_size), disable=not progress):
                 chunk = chunk.to(dev)
                 rows.append(model.token_nll_per_step(chunk.obs, chunk.action).double().cpu())
         nll = torch.cat(rows).numpy()

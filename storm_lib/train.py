@@ -195,15 +195,7 @@ def fit(
             _set_rng_state(payload["train_state"], generator)
 
     val_windows = val_data.eval_windows(config.val_batches * config.batch_size, config.seq_len, 0)
-    val_batches = [
-        Batch(
-            *(
-                t[i : i + config.batch_size]
-                for t in (val_windows.obs, val_windows.action, val_windows.reward, val_windows.cont)
-            )
-        )
-        for i in range(0, len(val_windows), config.batch_size)
-    ]
+    val_batches = val_windows.chunks(config.batch_size)
 
     def checkpoint() -> None:
         if checkpoint_path is not None:
@@ -264,7 +256,8 @@ def fit(
             bar.update(1)
     except KeyboardInterrupt:
         checkpoint()
-        print(f"Interrupted: saved step {step} to {checkpoint_path}; returning the history so far.")
+        saved = f"saved step {step} to {checkpoint_path}" if checkpoint_path else "not saved"
+        print(f"Interrupted after step {step} ({saved}); returning the history so far.")
     finally:
         bar.close()
     model.eval()  # type: ignore[attr-defined]

@@ -44,6 +44,14 @@ class Batch:
     def __len__(self) -> int:
         return self.obs.shape[0]
 
+    def chunks(self, size: int) -> list[Batch]:
+        """Consecutive sub-batches of at most ``size`` windows (views, no copies)."""
+        return [
+            Batch(self.obs[i : i + size], self.action[i : i + size],
+                  self.reward[i : i + size], self.cont[i : i + size])
+            for i in range(0, len(self), size)
+        ]  # fmt: skip
+
 
 @dataclass
 class Rollout:
