@@ -27,6 +27,19 @@ def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
     return f"beats copy-last at steps {', '.join(map(str, wins))} only"
 
 
+def _gap_at_last_step(result: RolloutPSNR, a: str, b: str) -> str:
+    """Who is ahead at the last step, and whether the 95% intervals separate them."""
+    ra, rb = result.models[a], result.models[b]
+    diff = float(ra.mean[-1] - rb.mean[-1])
+    better = a if diff > 0 else b
+    if abs(diff) <= float(ra.half_width[-1] + rb.half_width[-1]):
+        return (
+            f"at step {result.horizon} the two overlap within their 95% intervals "
+            f"({better} ahead by {abs(diff):.1f} dB)"
+        )
+    return f"at step {result.horizon} {better} is ahead by {abs(diff):.1f} dB"
+
+
 def comparison_paragraph(
     result: RolloutPSNR,
     histories: Mapping[str, Any],
@@ -51,7 +64,6 @@ def comparison_paragraph(
     last = result.horizon
     pa, pb = result.models[a].mean, result.models[b].mean
     cl = result.copy_last.mean
-    better = a if pa[-1] > pb[-1] else b
     parts = [
         f"On {result.copy_last.n} held-out windows, {a}'s imagined frames score "
         f"{pa[0]:.1f} dB at step 1 and {pa[-1]:.1f} dB at step {last} "
@@ -59,7 +71,7 @@ def comparison_paragraph(
         f"{pb[-1]:.1f} dB (ceiling {result.ceilings[b].mean.mean():.1f} dB); copying the last "
         f"context frame gives {cl[0]:.1f} and {cl[-1]:.1f} dB.",
         f"{a} {_beats_copy_last(result, a)}, and {b} {_beats_copy_last(result, b)}; "
-        f"at step {last} {better} is ahead by {abs(pa[-1] - pb[-1]):.1f} dB.",
+        f"{_gap_at_last_step(result, a, b)}.",
     ]
     if fvd:
         lower = min(fvd, key=fvd.get)

@@ -9,9 +9,10 @@ from storm_lib.report import comparison_paragraph
 from storm_lib.train import History
 
 
-def result(storm_db: float, rssm_db: float) -> RolloutPSNR:
+def result(storm_db: float, rssm_db: float, spread: float = 0.0) -> RolloutPSNR:
     steps = np.arange(10)
-    row = lambda start: StepStats.from_values(np.tile(start - 0.5 * steps, (4, 1)))  # noqa: E731
+    noise = spread * np.array([[-1.0], [1.0], [-1.0], [1.0]])  # per-window scatter
+    row = lambda start: StepStats.from_values(start - 0.5 * steps + noise)  # noqa: E731
     return RolloutPSNR(
         models={"STORM": row(storm_db), "RSSM": row(rssm_db)},
         ceilings={"STORM": row(40.0), "RSSM": row(40.0)},
@@ -53,3 +54,11 @@ def test_paragraph_follows_the_numbers():
     )  # fmt: skip
     assert "STORM does not beat copy-last" in text and "RSSM is ahead by 4.0 dB" in text
     assert "RSSM trained 3.00x faster" in text and "quadratic cost does not show" in text
+
+
+def test_overlapping_intervals_are_not_called_a_lead():
+    timing = {"STORM": timings(1.0), "RSSM": timings(1.0)}
+    text = comparison_paragraph(result(24.5, 24.3, spread=1.0), {}, timing)
+    assert "overlap within their 95% intervals (STORM ahead by 0.2 dB)" in text
+    text = comparison_paragraph(result(24.5, 24.3), {}, timing)
+    assert "at step 10 STORM is ahead by 0.2 dB" in text
