@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import Config
 from .evaluate import (
@@ -299,36 +299,43 @@ def attention_cost_sentence(
     timings_storm: Mapping[str, Any],
     timings_rssm: Mapping[str, Any],
     *,
+    sequence_storm: Mapping[str, Any] | None = None,
     quadratic_slope: float = QUADRATIC_SLOPE,
 ) -> str:
     """Whether attention's quadratic cost shows in measured step times, as a sentence.
 
-    Uses the log-log slope over all lengths for both models, and STORM's slope between
-    its two longest lengths: above ``quadratic_slope`` (closer to 2 than to 1) the
-    quadratic term is called visible. If the timings carry ``train_length``, the
-    sentence also says how STORM scales over the lengths up to twice it.
+    Describes the log-log slope over all lengths for both models, then judges from the
+    slope between the two longest lengths: above ``quadratic_slope`` (closer to 2 than to
+    1) the quadratic term is called visible. The verdict is taken from ``sequence_storm``
+    (the Transformer timed alone, ``step_time_vs_length(part="sequence")``) when given,
+    since a whole step mixes attention with per-frame VAE work that is linear in length;
+    otherwise from ``timings_storm``. If the judged timings carry ``train_length``, the
+    sentence also says how they scale over the lengths up to twice it.
     """
     ls, ms = timings_storm["lengths"], timings_storm["ms_per_step"]
     if len(ls) < 2:
         raise ValueError("need timings at 2 or more lengths")
     overall = loglog_slope(ls, ms)
     rssm = loglog_slope(timings_rssm["lengths"], timings_rssm["ms_per_step"])
-    tail = loglog_slope(ls[-2:], ms[-2:])
+    judged = timings_storm if sequence_storm is None else sequence_storm
+    jl, jm = judged["lengths"], judged["ms_per_step"]
+    tail = loglog_slope(jl[-2:], jm[-2:])
+    who = "STORM" if sequence_storm is None else "the Transformer alone"
     visible = tail > quadratic_slope
     text = (
         f"Step time vs sequence length ({ls[0]}-{ls[-1]} steps), log-log slope "
         f"(1 = linear, 2 = quadratic): STORM {overall:.2f}, RSSM {rssm:.2f}; "
-        f"STORM's slope between {ls[-2]} and {ls[-1]} steps is {tail:.2f}, so attention's "
+        f"{who} has slope {tail:.2f} between {jl[-2]} and {jl[-1]} steps, so attention's "
         f"quadratic cost is {'visible' if visible else 'not visible'} at these lengths"
     )
-    train_length = timings_storm.get("train_length")
+    train_length = judged.get("train_length")
     if train_length:
-        near = [i for i, n in enumerate(ls) if n <= 2 * train_length]
+        near = [i for i, n in enumerate(jl) if n <= 2 * train_length]
         idx = near if len(near) >= 2 else [0, 1]
-        local = loglog_slope([ls[i] for i in idx], [ms[i] for i in idx])
+        local = loglog_slope([jl[i] for i in idx], [jm[i] for i in idx])
         verdict = "quadratic-dominated" if local > quadratic_slope else "not quadratic-dominated"
         text += (
             f"; around the training length of {train_length} steps (lengths "
-            f"{ls[idx[0]]}-{ls[idx[-1]]}) STORM's slope is {local:.2f}, {verdict}"
+            f"{jl[idx[0]]}-{jl[idx[-1]]}) its slope is {local:.2f}, {verdict}"
         )
     return text + "."

@@ -288,6 +288,12 @@ def test_attention_cost_sentence_linear_vs_quadratic() -> None:
     mixed = {"lengths": lengths, "ms_per_step": [n + 0.008 * n**2 for n in lengths]}
     text = attention_cost_sentence({**mixed, "train_length": 16}, linear)
     assert "quadratic cost is visible" in text and "not quadratic-dominated" in text
+    # the verdict follows the Transformer alone when it is given, not the whole step
+    text = attention_cost_sentence(linear, linear, sequence_storm=quadratic)
+    assert "STORM 1.00" in text and "the Transformer alone has slope 2.00" in text
+    assert "quadratic cost is visible" in text
+    text = attention_cost_sentence(quadratic, linear, sequence_storm=linear)
+    assert "STORM 2.00" in text and "not visible" in text
 
 
 def test_real_models_smoke() -> None:
