@@ -28,9 +28,13 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 
+# Progress bars are text (tqdm), not widgets, whose saved output would read "0%" forever;
+# CoalesceStreamsPreprocessor keeps only each bar's final line in the saved notebook.
 notebook: $(VENV)/.runtime
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=-1 $(NOTEBOOK)
+	    --ExecutePreprocessor.timeout=-1 \
+	    --NotebookExporter.preprocessors='["nbconvert.preprocessors.CoalesceStreamsPreprocessor"]' \
+	    $(NOTEBOOK)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -103,7 +103,7 @@ def collect(
     Returns:
         Path: ``path``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     _check_collect_args(steps, image_size, frameskip, sticky_prob, max_episode_steps)
     path = Path(path)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .types import Batch, ImagineMode, WorldModel
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .nets.i3d import I3D, INPUT_SIZE, MIN_FRAMES, NUM_CLASSES
 from .types import Batch, ImagineMode, WorldModel

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from .config import TrainConfig
