@@ -244,3 +244,31 @@ def test_maskgit_head_uses_the_unmasked_tokens() -> None:
         nll_one = -(z * net.log_probs(h[:, 0], z.argmax(-1).masked_fill(one_left, V))).sum(-1)
     assert nll_all > 0.9 * math.log(V)
     assert nll_one.mean() < 0.3 * math.log(V)
+
+
+def test_prior_comparison_table_plot_and_cli() -> None:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from storm_lib.__main__ import build_parser
+    from storm_lib.compare import PriorComparison
+    from storm_lib.evaluate import RolloutPSNR, StepStats
+    from storm_lib.plots import plot_prior_comparison
+
+    stats = StepStats.from_values(np.full((4, 3), 20.0) + np.arange(4)[:, None])
+    names = ("MLP prior", "MaskGIT prior")
+    per_model = dict.fromkeys(names, stats)
+    result = RolloutPSNR(per_model, per_model, stats, 8, 3, 0, "sample")
+    keys = ("perplexity", "token_nll", "val_token_nll", "ms_train_step",
+            "ms_train_step_history", "ms_rollout", "steps", "params_prior")  # fmt: skip
+    metrics = {n: dict.fromkeys(keys, float(i + 1)) for i, n in enumerate(names)}
+    comparison = PriorComparison(psnr=result, metrics=metrics, profile="smoke")
+    text = comparison.table()
+    assert "MaskGIT prior" in text and "perplexity" in text and "21.50" in text
+    assert isinstance(plot_prior_comparison(comparison), Figure)
+    args = build_parser().parse_args(
+        ["compare-priors", "--profile", "smoke", "--mlp", "a.pt", "--maskgit", "b.pt"]
+    )
+    assert (args.mlp, args.maskgit, args.out) == ("a.pt", "b.pt", "figures")
+    args = build_parser().parse_args(["train", "--model", "storm", "--dynamics-head", "maskgit"])
+    assert args.dynamics_head == "maskgit"
