@@ -216,6 +216,14 @@ def test_old_configs_load_and_maskgit_checkpoints_round_trip(tmp_path) -> None:
         back.token_nll_per_step(batch.obs, batch.action),
         model.token_nll_per_step(batch.obs, batch.action),
     )
+    # an MLP-prior run is the same run whatever the (unused) MaskGIT sizes
+    from storm_lib.workflow import _training_fields
+
+    changed = Config.from_dict(raw)
+    changed.maskgit.layers = 2
+    assert _training_fields(changed) == _training_fields(old)
+    changed.heads.dynamics_head = "maskgit"
+    assert _training_fields(changed) != _training_fields(old)
     with pytest.raises(ValueError, match="dynamics_head"):
         cfg = get_profile("smoke")
         cfg.heads.dynamics_head = "gru"  # type: ignore[assignment]
@@ -228,7 +236,7 @@ def test_maskgit_head_uses_the_unmasked_tokens() -> None:
     net = head()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     h = torch.zeros(64, 1, D)
-    for _ in range(150):
+    for _ in range(100):
         z = F.one_hot(torch.randint(0, V, (64, 1)).expand(64, K), V).float()[:, None]
         opt.zero_grad()
         tokens = z.argmax(-1).masked_fill(cosine_mask((64, 1, K)), V)

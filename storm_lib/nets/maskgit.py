@@ -174,7 +174,7 @@ class MaskGITPrior(nn.Module):
         prior = self.log_probs(h.reshape(-1, h.shape[-1]), tokens.reshape(-1, self.k))
         prior = prior.reshape(*lead, self.k, self.v)
         weight = mask.to(prior.dtype)
-        weight = weight * self.k / weight.sum(-1, keepdim=True)  # K / M on masked positions
+        weight = weight * self.k / weight.sum(-1, keepdim=True).clamp(min=1.0)  # K / M
 
         def per_frame(x: Tensor) -> Tensor:  # [B, T, K] -> [B, T]
             return (x * weight).sum(-1)
