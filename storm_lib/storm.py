@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from .config import Config
 from .losses import token_nll
-from .nets.heads import ContinueHead, DynamicsHead, RewardHead
-from .nets.maskgit import MaskGITPrior
+from .nets.heads import ContinueHead, RewardHead
+from .nets.maskgit import build_dynamics_head
 from .nets.transformer import ActionMixer, CausalTransformer, InterleavedEmbedding
 from .nets.vae import CategoricalVAE
 from .types import Batch, ImagineMode, Rollout
@@ -70,15 +70,7 @@ class STORMWorldModel(nn.Module):
                 f"token_layout must be 'fused' or 'interleaved', got {tcfg.token_layout!r}"
             )
         self.transformer = CausalTransformer(tcfg)
-        head = config.heads.dynamics_head
-        if head == "mlp":
-            self.dynamics: DynamicsHead | MaskGITPrior = DynamicsHead(
-                d, self.k, self.v, vcfg.unimix
-            )
-        elif head == "maskgit":
-            self.dynamics = MaskGITPrior(d, self.k, self.v, vcfg.unimix, config.maskgit)
-        else:
-            raise ValueError(f"dynamics_head must be 'mlp' or 'maskgit', got {head!r}")
+        self.dynamics = build_dynamics_head(config, d)  # MLP (STORM) or MaskGIT (GIT-STORM)
         self.reward_head = RewardHead(d, d, config.heads)
         self.cont_head = ContinueHead(d, d, config.heads)
 

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MaskGITConfig
+from ..config import Config, MaskGITConfig
 from ..losses import unimix_logits
-from .heads import PriorLosses
+from .heads import DynamicsHead, PriorLosses
 
 POS_INIT_STD = 0.02
 """Std of the learned positions and the codebook at initialisation (BERT-style)."""
@@ -233,3 +233,18 @@ class MaskGITPrior(nn.Module):
             groups = random_partition(n, self.k, cfg.revise_rounds, h.device)
             tokens = self.fill(flat, tokens, groups, mode)
         return F.one_hot(tokens, self.v).to(h.dtype).reshape(*h.shape[:-1], self.k, self.v)
+
+
+def build_dynamics_head(config: Config, width: int) -> DynamicsHead | MaskGITPrior:
+    """The prior ``p(z_{t+1} | h_t)`` chosen by ``config.heads.dynamics_head``.
+
+    ``"mlp"``: STORM's :class:`DynamicsHead`; ``"maskgit"``: :class:`MaskGITPrior` sized
+    by ``config.maskgit``. Both take ``h [..., D=width]`` and offer ``forward`` (log-probs
+    ``[..., K, V]``), ``sample(h, mode)`` and ``losses(h, post, z, free_bits)``.
+    """
+    vae, head = config.vae, config.heads.dynamics_head
+    if head == "mlp":
+        return DynamicsHead(width, vae.categoricals, vae.classes, vae.unimix)
+    if head == "maskgit":
+        return MaskGITPrior(width, vae.categoricals, vae.classes, vae.unimix, config.maskgit)
+    raise ValueError(f"dynamics_head must be 'mlp' or 'maskgit', got {head!r}")
