@@ -1,8 +1,9 @@
 """MLP prior against MaskGIT prior (GIT-STORM): one comparison for the CLI and the notebook.
 
-Both STORM models share every setting of the profile but ``heads.dynamics_head``, train
-on the same data for the same number of steps (``workflow.train_or_load``: a finished
-checkpoint is reused), and are scored on the same held-out windows:
+Both STORM models share every setting of the profile but ``heads.dynamics_head``, are
+initialised after seeding with ``train.seed``, train on the same data for the same number
+of steps (``workflow.train_or_load``: a finished checkpoint is reused), and are scored on
+the same held-out windows:
 
 * PSNR against horizon (``evaluate.rollout_psnr``, the Section 4 protocol);
 * token perplexity and the teacher-forced token NLL of the prior
@@ -32,7 +33,7 @@ from .diagnostics import token_perplexity
 from .evaluate import RolloutPSNR, rollout_psnr
 from .train import History
 from .types import Batch, WorldModel
-from .utils import default_device
+from .utils import default_device, seed_everything
 from .workflow import train_or_load
 
 HEADS = {"MLP prior": "mlp", "MaskGIT prior": "maskgit"}
@@ -154,6 +155,7 @@ def compare_priors(
     for (name, head), path in zip(HEADS.items(), (mlp_path, maskgit_path), strict=True):
         cfg = copy.deepcopy(config)
         cfg.heads.dynamics_head = head  # type: ignore[assignment]
+        seed_everything(tr.seed)  # train_or_load builds the model before fit() seeds
         models[name], histories[name] = train_or_load(
             "storm", cfg, train_data, val_data, path, retrain=retrain, device=device,
             progress=progress,
