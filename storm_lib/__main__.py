@@ -1,4 +1,4 @@
-"""Command line: ``python -m storm_lib collect | train | evaluate``.
+"""Command line: ``python -m storm_lib collect | train | evaluate | compare-priors``.
 
 Examples::
 
@@ -9,6 +9,8 @@ Examples::
         --out checkpoints/p03_rssm.pt
     python -m storm_lib evaluate --storm checkpoints/storm.pt --rssm checkpoints/p03_rssm.pt \\
         --data data/boxing.npz --out figures/
+    python -m storm_lib compare-priors --profile cpu --data data/boxing.npz \\
+        --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _train(args: argparse.Namespace) -> None:
     config = get_profile(args.profile)
     if args.steps:
         config.train.steps = args.steps
+    config.heads.dynamics_head = args.dynamics_head
     train_data, val_data = ensure_data(config, args.data)
     out = args.out or f"checkpoints/{'p03_rssm' if args.model == 'rssm' else 'storm'}.pt"
     _, history = train_or_load(
@@ -85,6 +88,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _compare_priors(args: argparse.Namespace) -> None:
+    from .compare import compare_priors
+    from .plots import plot_prior_comparison
+    from .workflow import ensure_data
+
+    start = time.perf_counter()
+    config = get_profile(args.profile)
+    if args.steps:
+        config.train.steps = args.steps
+    train_data, val_data = ensure_data(config, args.data)
+    result = compare_priors(
+        config, train_data, val_data, mlp_path=args.mlp, maskgit_path=args.maskgit,
+        retrain=args.retrain, count=args.count, device=args.device,
+    )  # fmt: skip
+    print(result.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_prior_comparison(result).savefig(out / "prior_comparison.png", bbox_inches="tight")
+    print(f"wrote {out / 'prior_comparison.png'} in {time.perf_counter() - start:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m storm_lib",
@@ -109,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="gradient steps (default: the profile's)")
     p.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--dynamics-head", choices=("mlp", "maskgit"), default="mlp",
+        help="STORM's prior: mlp (STORM) or maskgit (GIT-STORM); default mlp",
+    )  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="PSNR against horizon for STORM and/or the RSSM")
@@ -121,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile for the evaluation settings")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "compare-priors", help="STORM with the MLP prior vs the MaskGIT prior (GIT-STORM)"
+    )
+    p.add_argument("--profile", help="smoke | cpu | gpu | paper | auto (default: STORM_PROFILE)")
+    p.add_argument("--data", help="trajectories .npz (collected if missing)")
+    p.add_argument("--mlp", required=True, help="MLP-prior checkpoint (trained if missing)")
+    p.add_argument("--maskgit", required=True, help="MaskGIT-prior checkpoint (trained if missing)")
+    p.add_argument("--steps", type=int, help="gradient steps (default: the profile's)")
+    p.add_argument("--count", type=int, help="evaluation windows (default: the profile's)")
+    p.add_argument("--out", default="figures", help="folder for prior_comparison.png")
+    p.add_argument("--retrain", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=_compare_priors)
     return parser
 
 

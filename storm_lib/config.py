@@ -94,6 +94,36 @@ class HeadsConfig:
     """Lowest bin, in symlog space."""
     reward_high: float = 20.0
     """Highest bin, in symlog space."""
+    dynamics_head: Literal["mlp", "maskgit"] = "mlp"
+    """Prior over ``z_{t+1}`` given ``h_t``: ``mlp`` (STORM: one Linear to K x V logits)
+    or ``maskgit`` (GIT-STORM: a bidirectional Transformer over the K masked tokens,
+    sized by :class:`MaskGITConfig`)."""
+
+
+@dataclass
+class MaskGITConfig:
+    """MaskGIT dynamics prior of GIT-STORM (the GIT-STORM paper, section 3.2 and table 8).
+
+    Used only when ``heads.dynamics_head == "maskgit"``.
+    """
+
+    layers: int = 4
+    """Bidirectional Transformer blocks (paper: 4)."""
+    width: int = 128
+    """Width of the token embeddings and of the blocks (paper: 128)."""
+    heads: int = 8
+    """Attention heads (paper: 8)."""
+    dropout: float = 0.0
+    """Dropout inside the blocks (paper: 0.0)."""
+    ffn_mult: int = 4
+    """FFN hidden width = ffn_mult * width (not in the paper; the BERT/MaskGIT default 4)."""
+    draft_rounds: int = 1
+    """T_draft: sets of the draft partition, i.e. decoding passes that fill the K tokens
+    from all-masked (paper: 1)."""
+    revise_rounds: int = 1
+    """T_revise: sets of each revise partition (paper: 1)."""
+    revise_repeats: int = 1
+    """Gamma (the paper's M, "Repetitions"): how many times the revise phase runs (1)."""
 
 
 @dataclass
@@ -160,6 +190,9 @@ class EvalConfig:
     """PSNR given to a frame identical to its target (instead of inf)."""
     sliding_windows: tuple[int, ...] = (20, 50)
     """Context lengths of the sliding-window token-loss diagnostic."""
+    compare_priors: bool = True
+    """Whether the notebook runs its appendix (MLP prior vs MaskGIT prior, trained on the
+    same data for the same steps); when off it prints the CLI command instead."""
     fvd_count: int = 256
     """Clips (held-out windows of C + H frames) per FVD; 0 skips FVD. The I3D costs about
     0.7 s per 18-frame clip on a 2-core CPU, and 3 clip sets are embedded (real + 2 models)."""
@@ -174,6 +207,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rssm: RSSMConfig = field(default_factory=RSSMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -228,6 +262,7 @@ def _smoke() -> Config:
         val_batches=1,
         checkpoint_every=0,
     )
+    c.maskgit = MaskGITConfig(layers=1, width=32, heads=2)
     c.eval = EvalConfig(count=8, batch_size=8, fvd_count=4)
     return c
 
@@ -248,7 +283,7 @@ def _cpu() -> Config:
         val_batches=2,
         checkpoint_every=500,
     )
-    c.eval = EvalConfig(count=256, fvd_count=64)
+    c.eval = EvalConfig(count=256, fvd_count=64, compare_priors=False)  # ~25 min more
     return c
 
 

@@ -2,6 +2,7 @@
 
 * the teacher-forcing gap: one-step PSNR from the real history against free-running PSNR;
 * the sliding-window token loss (20 vs 50 steps of context);
+* token perplexity of the dynamics prior (GIT-STORM appendix K);
 * the notes' rule of thumb (a drop of more than 5 dB within 10 steps);
 * step time against sequence length for either backbone, and what it says about
   attention's quadratic cost.
@@ -163,6 +164,57 @@ def sliding_window_token_loss(
         out.nll[length] = float(nll.mean())
         out.per_position[length] = nll.mean(axis=0)
     return out
+
+
+def perplexity(nll_per_frame: float | np.ndarray, categoricals: int) -> float:
+    """Token perplexity ``exp(mean NLL per token)`` from NLLs in nats per frame of K tokens.
+
+    A prior that is uniform over V classes has ``nll_per_frame = K log V`` and perplexity V.
+    """
+    return float(math.exp(float(np.mean(nll_per_frame)) / categoricals))
+
+
+def token_perplexity(
+    model: WorldModel,
+    data: Data,
+    *,
+    length: int = 18,
+    count: int = 64,
+    seed: int = 1234,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Perplexity of the dynamics prior on held-out windows (GIT-STORM appendix K).
+
+    ``PPL = exp(-1/N sum_i log p(z_i | z_<i))`` over the N = ``(L - 1) * K`` tokens of the
+    posterior-mode latents of frames 2..L of each window, every frame predicted
+    teacher-forced from the real history (``token_nll_per_step``). The K tokens of one
+    frame are scored against the head's factorised prior given ``h_t``: the MLP prior's
+    output, or the MaskGIT prior's all-masked prediction (the distribution its one-round
+    draft samples from); neither conditions on other tokens of the same frame, so this is
+    the same measurement for every head. Works for any model with ``token_nll_per_step``
+    and ``k`` (categoricals), e.g. either STORM head and the RSSM.
+
+    Returns:
+        ``perplexity``, ``token_nll`` (mean nats per frame), ``nll_per_token`` (nats),
+        ``windows`` and ``length``.
+    """
+    result = sliding_window_token_loss(
+        model, data, windows=(length,), count=count, seed=seed, batch_size=batch_size,
+        device=device, progress=progress,
+    )  # fmt: skip
+    nll = result.nll[length]
+    if math.isnan(nll):
+        raise ValueError(f"token perplexity not measurable: {'; '.join(result.notes)}")
+    k = int(model.k)  # type: ignore[attr-defined]
+    return {
+        "perplexity": perplexity(nll, k),
+        "token_nll": nll,
+        "nll_per_token": nll / k,
+        "windows": count if not isinstance(data, Batch) else len(data),
+        "length": length,
+    }
 
 
 def rule_of_thumb(per_step_psnr: np.ndarray, name: str, threshold_db: float = 5.0) -> str:

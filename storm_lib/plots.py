@@ -173,6 +173,44 @@ def plot_step_time(timings: Mapping[str, Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def plot_prior_comparison(comparison: Any) -> Figure:
+    """MLP prior vs MaskGIT prior (``storm_lib.compare.PriorComparison``): PSNR against
+    horizon with 95% bands and the copy-last baseline; token perplexity; ms per training
+    step and per rollout."""
+    fig, axes = _figure(1, 3, size=(13.0, 3.6))
+    ax = axes[0, 0]
+    result = comparison.psnr
+    for i, (name, stats) in enumerate(result.models.items()):
+        hw = np.nan_to_num(stats.half_width)
+        ax.plot(result.steps, stats.mean, marker="o", markersize=3, color=f"C{i}", label=name)
+        ax.fill_between(result.steps, stats.mean - hw, stats.mean + hw, color=f"C{i}", alpha=0.15)
+    ax.plot(result.steps, result.copy_last.mean, ":", color="0.4", label="copy last frame")
+    ax.set_xlabel("imagined step k")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_xticks(result.steps)
+    ax.set_title(f"PSNR vs horizon (n={result.copy_last.n})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    names = list(comparison.metrics)
+    colors = [f"C{i}" for i in range(len(names))]
+    ax = axes[0, 1]
+    ax.bar(names, [comparison.metrics[n]["perplexity"] for n in names], color=colors)
+    ax.set_ylabel("token perplexity (held-out)")
+    ax.set_title("Perplexity (lower is better)")
+    ax = axes[0, 2]
+    x = np.arange(2)
+    for i, name in enumerate(names):
+        m = comparison.metrics[name]
+        ax.bar(x + (i - 0.5) * 0.4, [m["ms_train_step"], m["ms_rollout"]], 0.4,
+               color=colors[i], label=name)  # fmt: skip
+    ax.set_xticks(x, ["training step", "rollout (cached)"])
+    ax.set_ylabel("ms (median)")
+    ax.set_title("Cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _frames(x: Any) -> np.ndarray:
     """``[..., 3, S, S]`` -> ``[N, 3, S, S]``."""
     arr = _np(x)

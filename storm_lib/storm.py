@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config
-from .losses import kl_losses, token_nll
-from .nets.heads import ContinueHead, DynamicsHead, RewardHead
+from .losses import token_nll
+from .nets.heads import ContinueHead, RewardHead
+from .nets.maskgit import build_dynamics_head
 from .nets.transformer import ActionMixer, CausalTransformer, InterleavedEmbedding
 from .nets.vae import CategoricalVAE
 from .types import Batch, ImagineMode, Rollout
@@ -69,7 +70,7 @@ class STORMWorldModel(nn.Module):
                 f"token_layout must be 'fused' or 'interleaved', got {tcfg.token_layout!r}"
             )
         self.transformer = CausalTransformer(tcfg)
-        self.dynamics = DynamicsHead(d, self.k, self.v, vcfg.unimix)
+        self.dynamics = build_dynamics_head(config, d)  # MLP (STORM) or MaskGIT (GIT-STORM)
         self.reward_head = RewardHead(d, d, config.heads)
         self.cont_head = ContinueHead(d, d, config.heads)
 
@@ -142,7 +143,10 @@ class STORMWorldModel(nn.Module):
 
         ``rec`` is the per-frame sum of squared errors over C,H,W (the paper's
         ``||o_hat - o||^2`` as the reference code computes it), averaged over B, T.
-        ``dyn``/``rep`` compare ``prior(h_t)`` with ``post(z_{t+1})`` for t < T-1.
+        ``dyn``/``rep`` compare ``prior(h_t)`` with ``post(z_{t+1})`` for t < T-1; the
+        dynamics head computes them (``heads.dynamics_head``): over all K categoricals for
+        the MLP prior, over the masked ones (rescaled to K) for the MaskGIT prior
+        (``storm_lib.nets.maskgit``, GIT-STORM eq. 3-4), and so is ``token_nll``.
 
         Args:
             batch: ``obs [B, T, 3, S, S]``, ``action/reward/cont [B, T]``.
@@ -161,8 +165,10 @@ class STORMWorldModel(nn.Module):
         z = self.vae.sample(post)
         rec = (self.decode(z) - batch.obs).square().sum((2, 3, 4)).mean()
         h = self.sequence(z, batch.action)  # [B, T, D]
-        prior = self.dynamics(h[:, :-1])  # [B, T-1, K, V], predicts z_1..z_{T-1}
-        dyn, rep, dyn_raw = kl_losses(post[:, 1:], prior, self.config.loss.free_bits)
+        # the prior of z_1..z_{T-1} from h_0..h_{T-2}
+        dyn, rep, dyn_raw, nll = self.dynamics.losses(
+            h[:, :-1], post[:, 1:], z[:, 1:], self.config.loss.free_bits
+        )
         reward = self.reward_head.loss(self.reward_head(h), batch.reward)
         cont = F.binary_cross_entropy_with_logits(self.cont_head(h), batch.cont.to(h.dtype))
         lc = self.config.loss
@@ -175,7 +181,7 @@ class STORMWorldModel(nn.Module):
             "loss/dyn": dyn,
             "loss/rep": rep,
             "kl/dyn_raw": dyn_raw,
-            "token_nll": token_nll(z[:, 1:], prior).mean(),
+            "token_nll": nll,
         }
         return total, {k: v.detach() for k, v in metrics.items()}
 
@@ -231,7 +237,7 @@ class STORMWorldModel(nn.Module):
             h = self.embed.hidden(self.transformer(self.tokens(z, context_actions), cache))[:, -1]
             hs, zs = [], []
             for k in range(horizon):
-                z_next = self.vae.sample(self.dynamics(h), mode)  # [B, K, V]
+                z_next = self.dynamics.sample(h, mode)  # [B, K, V]
                 hs.append(h)
                 zs.append(z_next)
                 if k == horizon - 1:
@@ -253,11 +259,11 @@ class STORMWorldModel(nn.Module):
     def _teacher_forced(
         self, obs: Tensor, action: Tensor, mode: ImagineMode
     ) -> tuple[Tensor, Tensor]:
-        """Posterior samples ``[B, T, K, V]`` and priors for steps 1..T-1 ``[B, T-1, K, V]``."""
+        """Posterior samples ``[B, T, K, V]`` and ``h_0..h_{T-2}`` ``[B, T-1, D]``."""
         self._check(obs, action)
         self._check_length(obs.shape[1], "obs")
         z = self.vae.sample(self.encode(obs), mode)
-        return z, self.dynamics(self.sequence(z, action)[:, :-1])
+        return z, self.sequence(z, action)[:, :-1]
 
     def predict_one_step(
         self, obs: Tensor, action: Tensor, *, mode: ImagineMode = "mode"
@@ -268,18 +274,21 @@ class STORMWorldModel(nn.Module):
             ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1, 3, S, S]`` in [0, 1].
         """
         with evaluating(self):
-            _, prior = self._teacher_forced(obs, action, mode)
-            return self.decode(self.vae.sample(prior, mode)).clamp(0.0, 1.0)
+            _, h = self._teacher_forced(obs, action, mode)
+            return self.decode(self.dynamics.sample(h, mode)).clamp(0.0, 1.0)
 
     def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
         """Teacher-forced ``-log p_prior(z_{t+1} | history)`` of the posterior mode, in nats.
+
+        The prior is the head's ``forward(h_t)``: for the MaskGIT head, the all-masked
+        prediction (what its one-round draft samples from).
 
         Shapes:
             ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1]``.
         """
         with evaluating(self):
-            z, prior = self._teacher_forced(obs, action, "mode")
-            return token_nll(z[:, 1:], prior)
+            z, h = self._teacher_forced(obs, action, "mode")
+            return token_nll(z[:, 1:], self.dynamics(h))
 
     def attention_maps(self, obs: Tensor, action: Tensor) -> Tensor:
         """Attention weights for one window (posterior mode tokens).

@@ -118,9 +118,12 @@ def train_or_load(
 
 def _training_fields(config: Config) -> dict:
     """The parts of a config that define a training run, except its length: a checkpoint
-    that matches them and has fewer steps is resumed, one with enough steps is reused."""
+    that matches them and has fewer steps is resumed, one with enough steps is reused.
+    The ``maskgit`` section counts only for a model with the MaskGIT prior."""
     raw = config.to_dict()
     raw["train"].pop("steps")
+    if raw["heads"]["dynamics_head"] == "mlp":  # the MaskGIT sizes do not matter then
+        raw.pop("maskgit")
     return {k: v for k, v in raw.items() if k not in ("name", "eval")}
 
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import Tensor, nn
 
 from ..config import HeadsConfig
-from ..losses import TwoHot, unimix_logits
+from ..losses import TwoHot, kl_losses, straight_through_sample, token_nll, unimix_logits
+
+
+class PriorLosses(NamedTuple):
+    """What a dynamics head contributes to the world-model loss (all scalars)."""
+
+    dyn: Tensor
+    """Clamped dynamics KL (trains the prior), with gradients."""
+    rep: Tensor
+    """Clamped representation KL (trains the encoder), with gradients."""
+    dyn_raw: Tensor
+    """Unclamped mean dynamics KL, detached."""
+    token_nll: Tensor
+    """Mean ``-log p_prior(z_{t+1})`` of the posterior sample, nats per frame, detached."""
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
@@ -30,6 +45,17 @@ class DynamicsHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         logits = self.linear(h).unflatten(-1, (self.k, self.v))
         return unimix_logits(logits, self.unimix)
+
+    def sample(self, h: Tensor, mode: str = "sample") -> Tensor:
+        """One-hot ``z_{t+1}`` ``[..., K, V]`` drawn (or argmax) from ``forward(h)``."""
+        return straight_through_sample(self(h), mode)
+
+    def losses(self, h: Tensor, post: Tensor, z: Tensor, free_bits: float) -> PriorLosses:
+        """STORM eq. 5: KL terms of ``post [B, T, K, V]`` against ``forward(h [B, T, D])``
+        and the token NLL of the samples ``z [B, T, K, V]`` over all K categoricals."""
+        prior = self(h)
+        dyn, rep, dyn_raw = kl_losses(post, prior, free_bits)
+        return PriorLosses(dyn, rep, dyn_raw, token_nll(z, prior).mean().detach())
 
 
 class RewardHead(nn.Module):
