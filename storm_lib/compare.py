@@ -33,7 +33,7 @@ from .diagnostics import token_perplexity
 from .evaluate import RolloutPSNR, rollout_psnr
 from .train import History
 from .types import Batch, WorldModel
-from .utils import default_device, seed_everything
+from .utils import default_device
 from .workflow import train_or_load
 
 HEADS = {"MLP prior": "mlp", "MaskGIT prior": "maskgit"}
@@ -155,7 +155,6 @@ def compare_priors(
     for (name, head), path in zip(HEADS.items(), (mlp_path, maskgit_path), strict=True):
         cfg = copy.deepcopy(config)
         cfg.heads.dynamics_head = head  # type: ignore[assignment]
-        seed_everything(tr.seed)  # train_or_load builds the model before fit() seeds
         models[name], histories[name] = train_or_load(
             "storm", cfg, train_data, val_data, path, retrain=retrain, device=device,
             progress=progress,

@@ -17,7 +17,7 @@ from .data import DataError, TrajectoryData
 from .models import build_world_model
 from .train import History, fit
 from .types import WorldModel
-from .utils import default_device
+from .utils import default_device, seed_everything
 
 
 def data_path(config: Config, root: str | Path = "data") -> Path:
@@ -101,6 +101,7 @@ def train_or_load(
             resume = same
             if not same:
                 print(f"{path} holds a model with other settings; training a new one.")
+    seed_everything(config.train.seed)  # initial weights depend on the seed alone
     model = build_world_model(kind, config, train_data.action_dim, device)  # type: ignore[arg-type]
     history = fit(
         model,

@@ -165,3 +165,18 @@ def test_mismatches_fail_before_training(split):
     too_long = dataclasses.replace(config.train, seq_len=config.transformer.max_length + 1)
     with pytest.raises(TrainingError, match="max_length"):
         fit(model, *split, steps=1, config=too_long, device="cpu", progress=False)
+
+
+def test_train_or_load_weights_depend_on_the_seed_alone(split, tmp_path):
+    """Earlier use of the global RNG (e.g. collecting data first) must not change a run."""
+    from storm_lib.workflow import train_or_load
+
+    config, _ = tiny()
+    config.train.steps = 1
+    weights = []
+    for i, draws in enumerate((0, 1000)):
+        torch.rand(draws)
+        model, _ = train_or_load("storm", config, *split, tmp_path / f"{i}.pt", progress=False)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
