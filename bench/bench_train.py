@@ -116,7 +116,12 @@ def train_step(kind: str, profile: str, repeats: int, peak: float) -> str:
     config = get_profile(profile)
     torch.manual_seed(0)
     model = build_world_model(kind, config, ACTIONS, "cpu").train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    try:  # fit()'s optimizer when this tree has the helper, else fit()'s old Adam
+        from storm_lib.train import make_optimizer
+
+        optimizer = make_optimizer(model, config.train, torch.device("cpu"))
+    except ImportError:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     batch = random_batch(config.train.batch_size, config.train.seq_len, config.data.image_size)
 
     def step() -> None:

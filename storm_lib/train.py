@@ -123,6 +123,25 @@ def validate(
     return {k: v / len(batches) for k, v in totals.items()}
 
 
+def make_optimizer(
+    model: WorldModel, config: TrainConfig, device: torch.device
+) -> torch.optim.Adam:
+    """Adam with ``config.lr``; the fused kernel on CPU and CUDA (same update rule).
+
+    The fused implementation does all parameters in one kernel instead of a Python loop
+    over 75 tensors: the optimizer step of the cpu-profile STORM model measured 386 ms
+    (loop) vs 123 ms (fused) here. The state dicts have the same tensors, so checkpoints
+    written by either resume with either. Other devices (and old torch) keep the default.
+    """
+    params = list(model.parameters())  # type: ignore[attr-defined]
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=config.lr, fused=True)
+        except (RuntimeError, TypeError):  # fused Adam on CPU needs torch >= 2.4
+            pass
+    return torch.optim.Adam(params, lr=config.lr)
+
+
 def _first_non_finite(metrics: dict[str, Any]) -> str:
     for name, value in metrics.items():
         if not math.isfinite(float(value)):
@@ -181,7 +200,7 @@ def fit(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)  # type: ignore[attr-defined]
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)  # type: ignore[attr-defined]
+    optimizer = make_optimizer(model, config, device)
     history, step = History(), 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         payload = read_checkpoint(checkpoint_path, device)

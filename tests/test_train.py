@@ -12,7 +12,7 @@ import torch
 from storm_lib import build_world_model, get_profile
 from storm_lib.checkpoint import read_checkpoint
 from storm_lib.data import TrajectoryData
-from storm_lib.train import TrainingError, fit
+from storm_lib.train import TrainingError, fit, make_optimizer
 
 
 def synthetic(action_dim: int = 4, episodes: int = 6, length: int = 30, size: int = 64):
@@ -165,3 +165,17 @@ def test_mismatches_fail_before_training(split):
     too_long = dataclasses.replace(config.train, seq_len=config.transformer.max_length + 1)
     with pytest.raises(TrainingError, match="max_length"):
         fit(model, *split, steps=1, config=too_long, device="cpu", progress=False)
+
+
+def test_optimizer_is_fused_adam_and_loads_a_loop_adam_state() -> None:
+    config = get_profile("smoke")
+    model = build_world_model("storm", config, 4, "cpu")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    loop = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    loop.step()  # a state written by the old, unfused optimizer
+    fused = make_optimizer(model, config.train, torch.device("cpu"))
+    assert fused.defaults["fused"] and fused.defaults["lr"] == config.train.lr
+    fused.load_state_dict(loop.state_dict())
+    fused.step()
+    assert all(float(s["step"]) == 2.0 for s in fused.state.values())
