@@ -179,3 +179,9 @@ def test_optimizer_is_fused_adam_and_loads_a_loop_adam_state() -> None:
     fused.load_state_dict(loop.state_dict())
     fused.step()
     assert all(float(s["step"]) == 2.0 for s in fused.state.values())
+
+
+def test_compile_switch_is_off_by_default() -> None:
+    assert all(not get_profile(p).train.compile for p in ("smoke", "cpu", "gpu", "paper"))
+    config = get_profile("smoke")
+    assert config.from_dict({"train": {"steps": 3}}).train.compile is False  # old checkpoints
