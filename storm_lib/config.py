@@ -170,6 +170,9 @@ class TrainConfig:
     """Periodic checkpoint interval in steps (0: only the final one)."""
     seed: int = 0
     """Seed of initialisation and batch sampling."""
+    compile: bool = False
+    """Run ``model.loss`` through ``torch.compile`` in ``fit()`` (needs a C++ compiler).
+    Off: on the 2-core CPU it cost minutes of compilation for no gain (bench/README)."""
 
 
 @dataclass

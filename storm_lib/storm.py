@@ -6,7 +6,8 @@ tokens of ``(z_t, a_t)`` to get ``h_t``, and from ``h_t`` predict the prior of
 ``z_{t+1}``, the reward ``r_t`` and the continuation ``c_t``.
 
 Imagination: encode C real frames, prefill the KV cache with their tokens in one pass,
-then repeatedly sample ``z`` from the prior, decode it, and append its token.
+then repeatedly sample ``z`` from the prior and append its token (``imagine_latent``);
+``imagine`` then decodes all imagined latents to frames in one decoder call.
 
 Example:
     >>> from storm_lib.config import get_profile
@@ -20,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +35,21 @@ from .nets.transformer import ActionMixer, CausalTransformer, InterleavedEmbeddi
 from .nets.vae import CategoricalVAE
 from .types import Batch, ImagineMode, Rollout
 from .utils import evaluating
+
+
+@dataclass
+class LatentRollout:
+    """:meth:`STORMWorldModel.imagine_latent`'s output: the rollout before decoding.
+
+    Shapes:
+        ``z [B, H, K, V]`` one-hot latents, ``h [B, H, D]`` the Transformer state each was
+        sampled from, ``reward [B, H]`` expected rewards, ``cont [B, H]`` probabilities.
+    """
+
+    z: Tensor
+    h: Tensor
+    reward: Tensor
+    cont: Tensor
 
 
 class STORMWorldModel(nn.Module):
@@ -202,8 +220,9 @@ class STORMWorldModel(nn.Module):
     ) -> Rollout:
         """Open-loop rollout of H frames after C real ones, feeding back prior samples.
 
-        The Transformer sees C + H - 1 time steps (the last imagined frame needs no
-        token), so ``C + H - 1 <= max_length`` is required.
+        :meth:`imagine_latent` (the rollout itself, in latent space), then one decoder
+        call on all ``B * H`` latents. The Transformer sees C + H - 1 time steps (the last
+        imagined frame needs no token), so ``C + H - 1 <= max_length`` is required.
 
         Args:
             context_obs: ``[B, C, 3, S, S]`` real frames.
@@ -216,6 +235,33 @@ class STORMWorldModel(nn.Module):
         Returns:
             :class:`Rollout` with ``obs [B, H, 3, S, S]`` in [0, 1], ``reward [B, H]``,
             ``cont [B, H]`` (probabilities).
+        """
+        latent = self.imagine_latent(
+            context_obs, context_actions, future_actions, mode=mode, use_cache=use_cache
+        )
+        with evaluating(self):
+            frames = self.decode(latent.z).clamp(0.0, 1.0)
+        return Rollout(obs=frames, reward=latent.reward, cont=latent.cont)
+
+    def imagine_latent(
+        self,
+        context_obs: Tensor,
+        context_actions: Tensor,
+        future_actions: Tensor,
+        *,
+        mode: ImagineMode = "sample",
+        use_cache: bool = True,
+    ) -> LatentRollout:
+        """The rollout of :meth:`imagine` without decoding frames (what policy learning uses).
+
+        STORM's agent learns in imagination from ``(z, h)``, reward and continuation alone;
+        only figures need pixels. At the cpu profile's widths the decoder costs more than
+        the Transformer steps, so this is the path whose cost the KV cache decides.
+        Same arguments, checks and random draws as :meth:`imagine`.
+
+        Returns:
+            :class:`LatentRollout`: ``z [B, H, K, V]`` one-hot, ``h [B, H, D]``,
+            ``reward [B, H]``, ``cont [B, H]`` (probabilities).
         """
         self._check(context_obs, context_actions, what="context_obs")
         b, c = context_actions.shape
@@ -251,10 +297,9 @@ class STORMWorldModel(nn.Module):
                     out = self.transformer(self.tokens(seq_z, seq_a))
                 h = self.embed.hidden(out)[:, -1]
             h_all = torch.stack(hs, 1)  # [B, H, D]
-            frames = self.decode(torch.stack(zs, 1)).clamp(0.0, 1.0)
             reward = self.reward_head.predict(self.reward_head(h_all))
             cont = torch.sigmoid(self.cont_head(h_all))
-        return Rollout(obs=frames, reward=reward, cont=cont)
+        return LatentRollout(z=torch.stack(zs, 1), h=h_all, reward=reward, cont=cont)
 
     def _teacher_forced(
         self, obs: Tensor, action: Tensor, mode: ImagineMode

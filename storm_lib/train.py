@@ -123,6 +123,25 @@ def validate(
     return {k: v / len(batches) for k, v in totals.items()}
 
 
+def make_optimizer(
+    model: WorldModel, config: TrainConfig, device: torch.device
+) -> torch.optim.Adam:
+    """Adam with ``config.lr``; the fused kernel on CPU and CUDA (same update rule).
+
+    The fused implementation does all parameters in one kernel instead of a Python loop
+    over 75 tensors: the optimizer step of the cpu-profile STORM model measured 386 ms
+    (loop) vs 123 ms (fused) here. The state dicts have the same tensors, so checkpoints
+    written by either resume with either. Other devices (and old torch) keep the default.
+    """
+    params = list(model.parameters())  # type: ignore[attr-defined]
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=config.lr, fused=True)
+        except (RuntimeError, TypeError):  # fused Adam on CPU needs torch >= 2.4
+            pass
+    return torch.optim.Adam(params, lr=config.lr)
+
+
 def _first_non_finite(metrics: dict[str, Any]) -> str:
     for name, value in metrics.items():
         if not math.isfinite(float(value)):
@@ -148,7 +167,9 @@ def fit(
     Adam with ``config.lr`` and global-norm clipping at ``config.grad_clip`` (paper:
     1e-4 and 1000), bf16 autocast on CUDA only, validation on ``config.val_batches``
     fixed windows of ``val_data`` every ``config.eval_every`` steps and at the end, a
-    checkpoint every ``config.checkpoint_every`` steps and at the end.
+    checkpoint every ``config.checkpoint_every`` steps and at the end. With
+    ``config.compile`` the training loss runs through ``torch.compile`` (validation stays
+    eager); compilation time counts as training time.
 
     Args:
         model: any :class:`WorldModel` that is an ``nn.Module``.
@@ -181,7 +202,7 @@ def fit(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)  # type: ignore[attr-defined]
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)  # type: ignore[attr-defined]
+    optimizer = make_optimizer(model, config, device)
     history, step = History(), 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         payload = read_checkpoint(checkpoint_path, device)
@@ -208,6 +229,8 @@ def fit(
                 train_state=_rng_state(generator),
             )
 
+    # torch.compile wraps the bound method, not the module: state_dict keys stay unprefixed.
+    loss_fn = torch.compile(model.loss) if config.compile else model.loss
     model.train()  # type: ignore[attr-defined]
     clock = history.train_seconds
     bar = tqdm(
@@ -222,7 +245,7 @@ def fit(
             start = time.perf_counter()
             batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
             with autocast(device):
-                loss, metrics = model.loss(batch)
+                loss, metrics = loss_fn(batch)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite loss at step {step + 1}: {_first_non_finite(metrics)}; "

@@ -100,6 +100,28 @@ def test_cached_imagination_equals_full_forward(layout: str, mode: str) -> None:
         assert (other.obs - fast.obs).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_latent_rollout_is_the_frames_rollout_before_decoding(use_cache: bool) -> None:
+    model = make(max_length=12).train()
+    batch = make_batch(b=3, t=12)
+    args = (batch.obs[:, :4], batch.action[:, :4], batch.action[:, 4:11])
+    torch.manual_seed(3)
+    latent = model.imagine_latent(*args, use_cache=use_cache)
+    assert model.training  # the mode is restored, as by imagine
+    torch.manual_seed(3)
+    roll = model.imagine(*args, use_cache=use_cache)
+    assert latent.z.shape == (3, 8, model.k, model.v) and latent.h.shape == (3, 8, 32)
+    assert torch.equal(latent.z.argmax(-1), (latent.z > 0.5).float().argmax(-1))
+    torch.testing.assert_close(latent.z.sum(-1), torch.ones(3, 8, model.k))  # one-hot
+    torch.testing.assert_close(latent.reward, roll.reward, atol=0, rtol=0)
+    torch.testing.assert_close(latent.cont, roll.cont, atol=0, rtol=0)
+    with torch.no_grad():
+        frames = model.eval().decode(latent.z).clamp(0.0, 1.0)
+    torch.testing.assert_close(frames, roll.obs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_length=12"):
+        model.imagine_latent(*args[:2], torch.zeros(3, 9, dtype=torch.long))  # 4 + 10 - 1
+
+
 def test_imagine_checks_length_and_restores_mode() -> None:
     model = make(max_length=10).train()
     batch = make_batch(t=12)

@@ -12,7 +12,7 @@ import torch
 from storm_lib import build_world_model, get_profile
 from storm_lib.checkpoint import read_checkpoint
 from storm_lib.data import TrajectoryData
-from storm_lib.train import TrainingError, fit
+from storm_lib.train import TrainingError, fit, make_optimizer
 
 
 def synthetic(action_dim: int = 4, episodes: int = 6, length: int = 30, size: int = 64):
@@ -180,3 +180,23 @@ def test_train_or_load_weights_depend_on_the_seed_alone(split, tmp_path):
         weights.append(model.state_dict())
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_optimizer_is_fused_adam_and_loads_a_loop_adam_state() -> None:
+    config = get_profile("smoke")
+    model = build_world_model("storm", config, 4, "cpu")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    loop = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    loop.step()  # a state written by the old, unfused optimizer
+    fused = make_optimizer(model, config.train, torch.device("cpu"))
+    assert fused.defaults["fused"] and fused.defaults["lr"] == config.train.lr
+    fused.load_state_dict(loop.state_dict())
+    fused.step()
+    assert all(float(s["step"]) == 2.0 for s in fused.state.values())
+
+
+def test_compile_switch_is_off_by_default() -> None:
+    assert all(not get_profile(p).train.compile for p in ("smoke", "cpu", "gpu", "paper"))
+    config = get_profile("smoke")
+    assert config.from_dict({"train": {"steps": 3}}).train.compile is False  # old checkpoints
