@@ -271,7 +271,7 @@ def _smoke() -> Config:
 
 
 def _cpu() -> Config:
-    """The committed notebook run on a 2-core CPU (about 35 minutes in all)."""
+    """The committed notebook run on a 2-core CPU (27 to 74 minutes: machines here vary)."""
     c = Config(name="cpu")
     c.data.steps = 30_000
     c.vae.stem_channels = 16
