@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, MaskGITConfig
-from ..losses import unimix_logits
+from ..losses import sample_categorical, unimix_logits
 from .heads import DynamicsHead, PriorLosses
 
 POS_INIT_STD = 0.02
@@ -208,7 +208,7 @@ class MaskGITPrior(nn.Module):
             chosen = groups == i
             probs = self.log_probs(h, tokens.masked_fill(chosen, self.mask_id)).exp()
             if mode == "sample":
-                draw = torch.multinomial(probs.reshape(-1, self.v), 1).reshape(tokens.shape)
+                draw = sample_categorical(probs)
             elif mode == "mode":
                 draw = probs.argmax(-1)
             else:
