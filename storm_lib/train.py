@@ -233,11 +233,14 @@ def fit(
     loss_fn = torch.compile(model.loss) if config.compile else model.loss
     model.train()  # type: ignore[attr-defined]
     clock = history.train_seconds
+    label, head = model.kind, model.config.heads.dynamics_head  # type: ignore[attr-defined]
+    if label == "storm" and head != "mlp":  # say which of compare-priors' two models this is
+        label += f" ({head} prior)"
     bar = tqdm(
         total=steps,
         initial=step,
         disable=not progress,
-        desc=f"train {model.kind}",
+        desc=f"train {label}",
         dynamic_ncols=True,
     )  # type: ignore[attr-defined]
     try:
