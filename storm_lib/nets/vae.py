@@ -30,8 +30,9 @@ def _folded_conv(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     if isinstance(conv, nn.ConvTranspose2d):  # weight [in, out, k, k]
         weight = conv.weight * scale.view(1, -1, 1, 1)
         return F.conv_transpose2d(
-            x, weight, shift, conv.stride, conv.padding, conv.output_padding, conv.groups
-        )
+            x, weight, shift, conv.stride, conv.padding, conv.output_padding, conv.groups,
+            conv.dilation,
+        )  # fmt: skip
     weight = conv.weight * scale.view(-1, 1, 1, 1)  # Conv2d: [out, in, k, k]
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
