@@ -279,9 +279,12 @@ class RSSMWorldModel(nn.Module):
             if tuple(getattr(batch, name).shape) != (b, t):
                 raise ValueError(f"batch.{name} must be [B, T] = {(b, t)}")
         self._check_actions(action)
-        post, prior_logits = self._observe(self.embed(obs), action, None, "sample")
+        # [B*T, 3, S, S] in channels_last, the decoder's output layout (as in STORM's loss)
+        frames = obs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        embedded = self.encoder.features(frames).unflatten(0, (b, t))
+        post, prior_logits = self._observe(embedded, action, None, "sample")
         feat = post.feat
-        rec = (self.decode(feat) - obs).pow(2).sum((2, 3, 4)).mean()
+        rec = (self.decoder(feat.flatten(0, 1)) - frames).pow(2).sum((1, 2, 3)).mean()
         reward = self.reward_head.loss(self.reward_head(feat[:, 1:]), batch.reward[:, :-1])
         cont = F.binary_cross_entropy_with_logits(self.cont_head(feat[:, 1:]), batch.cont[:, :-1])
         dyn, rep, dyn_raw = kl_losses(post.logits, prior_logits, self.config.loss.free_bits)

@@ -175,13 +175,16 @@ class STORMWorldModel(nn.Module):
             ``token_nll`` in nats per frame).
         """
         self._check(batch.obs, batch.action)
-        t = batch.action.shape[1]
+        b, t = batch.action.shape
         self._check_length(t, "batch")
         if t < 2:
             raise ValueError(f"loss needs windows of at least 2 steps, got T={t}")
-        post = self.encode(batch.obs)  # [B, T, K, V]
+        # [B*T, 3, S, S] in channels_last, the layout the decoder outputs: the squared
+        # error then needs no relayout (training step 1.06x, median of 25 interleaved pairs)
+        frames = batch.obs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        post = self.vae.encode(frames).view(b, t, self.k, self.v)  # [B, T, K, V]
         z = self.vae.sample(post)
-        rec = (self.decode(z) - batch.obs).square().sum((2, 3, 4)).mean()
+        rec = (self.vae.decode(z.flatten(0, 1)) - frames).square().sum((1, 2, 3)).mean()
         h = self.sequence(z, batch.action)  # [B, T, D]
         # the prior of z_1..z_{T-1} from h_0..h_{T-2}
         dyn, rep, dyn_raw, nll = self.dynamics.losses(

@@ -81,6 +81,17 @@ def test_gradients_reach_encoder_through_straight_through_sample() -> None:
     assert model.dynamics.linear.weight.grad.abs().sum() > 0
 
 
+def test_reconstruction_loss_is_the_per_frame_squared_error() -> None:
+    """``loss/rec`` = mean over frames of sum over C,H,W of (decode(z) - obs)^2."""
+    model, batch = make(), make_batch()
+    torch.manual_seed(3)
+    _, metrics = model.loss(batch)
+    torch.manual_seed(3)  # the same posterior draws
+    z = model.vae.sample(model.encode(batch.obs))
+    expected = (model.decode(z) - batch.obs).square().sum((2, 3, 4)).mean()
+    torch.testing.assert_close(metrics["loss/rec"], expected.detach())
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["mode", "sample"])
 def test_cached_imagination_equals_full_forward(layout: str, mode: str) -> None:
