@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .config import Config
 from .losses import kl_losses, straight_through_sample, token_nll, unimix_logits
 from .nets.heads import ContinueHead, RewardHead
-from .nets.vae import Decoder, Encoder
+from .nets.vae import Decoder, Encoder, frames_channels_last
 from .types import Batch, ImagineMode, Rollout
 from .utils import evaluating
 
@@ -171,8 +171,7 @@ class RSSMWorldModel(nn.Module):
     def embed(self, obs: Tensor) -> Tensor:
         """Encoder features of all frames in one call: ``[B, T, 3, S, S] -> [B, T, E]``."""
         self._check_obs(obs)
-        flat = obs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        return self.encoder.features(flat).unflatten(0, obs.shape[:2])
+        return self.encoder.features(frames_channels_last(obs)).unflatten(0, obs.shape[:2])
 
     def decode(self, feat: Tensor) -> Tensor:
         """Features ``[B, T, deter + K*V] -> [B, T, 3, S, S]`` (unclamped)."""
@@ -279,8 +278,7 @@ class RSSMWorldModel(nn.Module):
             if tuple(getattr(batch, name).shape) != (b, t):
                 raise ValueError(f"batch.{name} must be [B, T] = {(b, t)}")
         self._check_actions(action)
-        # [B*T, 3, S, S] in channels_last, the decoder's output layout (as in STORM's loss)
-        frames = obs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        frames = frames_channels_last(obs)  # [B*T, 3, S, S], the decoder's output layout
         embedded = self.encoder.features(frames).unflatten(0, (b, t))
         post, prior_logits = self._observe(embedded, action, None, "sample")
         feat = post.feat

@@ -19,6 +19,12 @@ def _norm(channels: int, batch_norm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if batch_norm else nn.GroupNorm(1, channels)
 
 
+def frames_channels_last(obs: Tensor) -> Tensor:
+    """``[B, T, 3, S, S] -> [B*T, 3, S, S]`` in channels_last, the layout the convs run in
+    and the decoder outputs (so losses against its output need no relayout)."""
+    return obs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+
+
 def _folded_conv(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """``bn(conv(x))`` in eval mode as one convolution: the BatchNorm's affine map
     ``scale * y + shift`` is folded into the conv's weight and bias (same function, one
