@@ -92,23 +92,26 @@ def sample_categorical(probs: Tensor) -> Tensor:
     return index.clamp_max_(probs.shape[-1] - 1)  # u rounded up to the total
 
 
+def draw_index(probs: Tensor, mode: str) -> Tensor:
+    """``probs [..., V] -> [...]`` class indices: ``"sample"`` draws
+    (:func:`sample_categorical`), ``"mode"`` takes the argmax."""
+    if mode == "sample":
+        return sample_categorical(probs)
+    if mode == "mode":
+        return probs.argmax(-1)
+    raise ValueError(f"mode must be 'sample' or 'mode', got {mode!r}")
+
+
 def straight_through_sample(log_probs: Tensor, mode: str = "sample") -> Tensor:
     """One-hot sample ``[..., K, V]`` with straight-through gradients to ``log_probs``.
 
-    ``mode="sample"`` draws from the categorical (:func:`sample_categorical`);
-    ``mode="mode"`` takes the argmax. The forward value is one-hot; the gradient is that
+    ``mode`` is as in :func:`draw_index`. The forward value is one-hot; the gradient is that
     of the probabilities. With autograd the value is ``one_hot + p - p``, one-hot up to
     float rounding; without (imagination, evaluation) the exact one-hot is returned,
     skipping the two straight-through ops.
     """
     probs = log_probs.exp()
-    if mode == "sample":
-        index = sample_categorical(probs)
-    elif mode == "mode":
-        index = probs.argmax(-1)
-    else:
-        raise ValueError(f"mode must be 'sample' or 'mode', got {mode!r}")
-    one_hot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    one_hot = F.one_hot(draw_index(probs, mode), probs.shape[-1]).to(probs.dtype)
     if not probs.requires_grad:
         return one_hot
     return one_hot + probs - probs.detach()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, MaskGITConfig
-from ..losses import sample_categorical, unimix_logits
+from ..losses import draw_index, unimix_logits
 from .heads import DynamicsHead, PriorLosses
 
 POS_INIT_STD = 0.02
@@ -207,13 +207,7 @@ class MaskGITPrior(nn.Module):
         for i in range(int(groups.max()) + 1):
             chosen = groups == i
             probs = self.log_probs(h, tokens.masked_fill(chosen, self.mask_id)).exp()
-            if mode == "sample":
-                draw = sample_categorical(probs)
-            elif mode == "mode":
-                draw = probs.argmax(-1)
-            else:
-                raise ValueError(f"mode must be 'sample' or 'mode', got {mode!r}")
-            tokens = torch.where(chosen, draw, tokens)
+            tokens = torch.where(chosen, draw_index(probs, mode), tokens)
         return tokens
 
     def sample(self, h: Tensor, mode: str = "sample") -> Tensor:
