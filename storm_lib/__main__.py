@@ -2,15 +2,17 @@
 
 Examples::
 
-    python -m storm_lib collect --env ALE/Boxing-v5 --steps 30000 --seed 0 --out data/boxing.npz
-    python -m storm_lib train --model storm --profile cpu --data data/boxing.npz \\
-        --out checkpoints/storm.pt
-    python -m storm_lib train --model rssm --profile cpu --data data/boxing.npz \\
-        --out checkpoints/p03_rssm.pt
-    python -m storm_lib evaluate --storm checkpoints/storm.pt --rssm checkpoints/p03_rssm.pt \\
-        --data data/boxing.npz --out figures/
-    python -m storm_lib compare-priors --profile cpu --data data/boxing.npz \\
+    python -m storm_lib collect --profile cpu          # data/boxing_30000_seed0.npz
+    python -m storm_lib train --model storm --profile cpu   # checkpoints/storm_cpu.pt
+    python -m storm_lib train --model rssm --profile cpu    # checkpoints/rssm_cpu.pt
+    python -m storm_lib evaluate --storm checkpoints/storm_cpu.pt --rssm their_p03.pt \\
+        --data data/boxing_30000_seed0.npz --out figures/
+    python -m storm_lib compare-priors --profile cpu --data data/boxing_30000_seed0.npz \\
         --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
+
+Files are never written over unless they are our own and --force asks for it: a data
+file or checkpoint from elsewhere is only read. Errors print as one paragraph; --debug
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +20,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .config import get_profile
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _latent(text: str) -> tuple[int, int]:
+    k, _, v = text.lower().partition("x")
+    try:
+        return _positive_int(k), _positive_int(v)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected KxV such as 32x32, got {text!r}") from None
 
 
 def _collect(args: argparse.Namespace) -> None:
@@ -29,40 +50,37 @@ def _collect(args: argparse.Namespace) -> None:
 
     config = get_profile(args.profile)
     cfg = config.data
-    env_id = args.env or cfg.env_id
-    steps = args.steps or cfg.steps
-    seed = cfg.seed if args.seed is None else args.seed
-    if args.out:
-        out = Path(args.out)
-    else:
-        config.data.env_id, config.data.steps, config.data.seed = env_id, steps, seed
-        out = data_path(config)
+    cfg.env_id = args.env or cfg.env_id
+    cfg.steps = args.steps or cfg.steps
+    cfg.seed = cfg.seed if args.seed is None else args.seed
+    out = Path(args.out) if args.out else data_path(config)
     start = time.perf_counter()
     collect(
-        env_id,
-        steps,
-        seed,
+        cfg.env_id,
+        cfg.steps,
+        cfg.seed,
         out,
         image_size=cfg.image_size,
         frameskip=cfg.frameskip,
         sticky_prob=cfg.sticky_prob,
         max_episode_steps=cfg.max_episode_steps,
+        overwrite=args.force,
     )
     seconds = time.perf_counter() - start
-    print(f"wrote {out}: {steps} steps of {env_id} in {seconds:.1f} s ({steps / seconds:.0f}/s)")
+    print(f"wrote {out}: {cfg.steps} steps of {cfg.env_id} in {seconds:.1f} s")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .workflow import ensure_data, train_or_load
+    from .workflow import checkpoint_path, ensure_data, train_or_load
 
     config = get_profile(args.profile)
     if args.steps:
         config.train.steps = args.steps
     config.heads.dynamics_head = args.dynamics_head
-    train_data, val_data = ensure_data(config, args.data)
-    out = args.out or f"checkpoints/{'p03_rssm' if args.model == 'rssm' else 'storm'}.pt"
+    train_data, val_data = ensure_data(config, args.data, as_is=args.data_as_is)
+    out = args.out or checkpoint_path(args.model, config)
     _, history = train_or_load(
-        args.model, config, train_data, val_data, out, retrain=args.retrain, device=args.device
+        args.model, config, train_data, val_data, out, retrain=args.force, device=args.device
     )
     if history.val:
         first, last = history.val[0], history.val[-1]
@@ -85,6 +103,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         profile=args.profile,
         device=args.device,
         fvd=args.fvd,
+        allow_partial=args.allow_partial,
+        rssm_latent=args.rssm_latent,
     )
 
 
@@ -97,10 +117,10 @@ def _compare_priors(args: argparse.Namespace) -> None:
     config = get_profile(args.profile)
     if args.steps:
         config.train.steps = args.steps
-    train_data, val_data = ensure_data(config, args.data)
+    train_data, val_data = ensure_data(config, args.data, as_is=args.data_as_is)
     result = compare_priors(
         config, train_data, val_data, mlp_path=args.mlp, maskgit_path=args.maskgit,
-        retrain=args.retrain, count=args.count, device=args.device,
+        retrain=args.force, count=args.count, device=args.device,
     )  # fmt: skip
     print(result.table())
     out = Path(args.out)
@@ -109,71 +129,106 @@ def _compare_priors(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'prior_comparison.png'} in {time.perf_counter() - start:.0f} s")
 
 
+PROFILE_HELP = "smoke | cpu | gpu | paper | auto (default: STORM_PROFILE, else auto)"
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available)"
+FORCE_HELP = "replace an existing file of ours with other settings (never a foreign file)"
+AS_IS_HELP = "train on --data even though it was collected with other settings than the profile"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m storm_lib",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("collect", help="collect trajectories from a real Atari game")
+    p = sub.add_parser(
+        "collect", parents=[common], help="collect trajectories from a real Atari game"
+    )
     p.add_argument("--env", help="ALE id (default: the profile's, ALE/Boxing-v5)")
-    p.add_argument("--steps", type=int, help="agent steps (default: the profile's)")
+    p.add_argument("--steps", type=_positive_int, help="agent steps (default: the profile's)")
     p.add_argument("--seed", type=int, help="seed of the game and the random policy")
     p.add_argument("--out", help="output .npz (default: data/<game>_<steps>_seed<seed>.npz)")
-    p.add_argument("--profile", help="smoke | cpu | gpu | paper | auto (default: STORM_PROFILE)")
+    p.add_argument("--profile", help=PROFILE_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_collect)
 
-    p = sub.add_parser("train", help="train a world model with the one training loop")
+    p = sub.add_parser(
+        "train", parents=[common], help="train a world model with the one training loop"
+    )
     p.add_argument("--model", choices=("storm", "rssm"), required=True)
-    p.add_argument("--profile", help="smoke | cpu | gpu | paper | auto (default: STORM_PROFILE)")
-    p.add_argument("--data", help="trajectories .npz (collected if missing)")
-    p.add_argument("--out", help="checkpoint path (default: checkpoints/storm.pt or p03_rssm.pt)")
-    p.add_argument("--steps", type=int, help="gradient steps (default: the profile's)")
-    p.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--profile", help=PROFILE_HELP)
+    p.add_argument("--data", help="trajectories .npz (collected if missing, else only read)")
+    p.add_argument("--data-as-is", action="store_true", help=AS_IS_HELP)
+    p.add_argument("--out", help="checkpoint (default: checkpoints/<model>_<profile>.pt)")
+    p.add_argument("--steps", type=_positive_int, help="gradient steps (default: the profile's)")
+    p.add_argument("--force", "--retrain", action="store_true", help=FORCE_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument(
         "--dynamics-head", choices=("mlp", "maskgit"), default="mlp",
         help="STORM's prior: mlp (STORM) or maskgit (GIT-STORM); default mlp",
     )  # fmt: skip
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="PSNR against horizon for STORM and/or the RSSM")
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="PSNR against horizon for STORM and/or the RSSM"
+    )
     p.add_argument("--storm", help="STORM checkpoint")
-    p.add_argument("--rssm", help="RSSM / P03 checkpoint")
+    p.add_argument("--rssm", help="RSSM / P03 checkpoint (only read)")
+    p.add_argument(
+        "--rssm-latent", type=_latent, metavar="KxV",
+        help="categoricals x classes of a bare P03 state dict, e.g. 32x32",
+    )  # fmt: skip
     p.add_argument("--data", required=True, help="trajectories .npz (its held-out episodes)")
     p.add_argument("--out", default="figures", help="folder for the PSNR figure")
-    p.add_argument("--count", type=int, help="evaluation windows (default: the profile's)")
+    p.add_argument("--count", type=_positive_int, help="evaluation windows (default: profile's)")
     p.add_argument("--fvd", action="store_true", help="also FVD on the profile's fvd_count clips")
+    p.add_argument("--allow-partial", action="store_true", help="score unfinished checkpoints")
     p.add_argument("--profile", help="profile for the evaluation settings")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
-        "compare-priors", help="STORM with the MLP prior vs the MaskGIT prior (GIT-STORM)"
+        "compare-priors",
+        parents=[common],
+        help="STORM with the MLP prior vs the MaskGIT prior (GIT-STORM)",
     )
-    p.add_argument("--profile", help="smoke | cpu | gpu | paper | auto (default: STORM_PROFILE)")
-    p.add_argument("--data", help="trajectories .npz (collected if missing)")
+    p.add_argument("--profile", help=PROFILE_HELP)
+    p.add_argument("--data", help="trajectories .npz (collected if missing, else only read)")
+    p.add_argument("--data-as-is", action="store_true", help=AS_IS_HELP)
     p.add_argument("--mlp", required=True, help="MLP-prior checkpoint (trained if missing)")
     p.add_argument("--maskgit", required=True, help="MaskGIT-prior checkpoint (trained if missing)")
-    p.add_argument("--steps", type=int, help="gradient steps (default: the profile's)")
-    p.add_argument("--count", type=int, help="evaluation windows (default: the profile's)")
+    p.add_argument("--steps", type=_positive_int, help="gradient steps (default: the profile's)")
+    p.add_argument("--count", type=_positive_int, help="evaluation windows (default: profile's)")
     p.add_argument("--out", default="figures", help="folder for prior_comparison.png")
-    p.add_argument("--retrain", action="store_true", help="ignore existing checkpoints")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--force", "--retrain", action="store_true", help=FORCE_HELP)
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_compare_priors)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; our errors print as one paragraph (``--debug``: with traceback).
+
+    Exit codes: 0 done, 1 an error (bad file, data, device, disk), 2 bad arguments
+    (argparse), 130 interrupted (the last completed training step is saved).
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:  # our errors carry readable messages
+    except (CheckpointError, DataError, TrainingError, ValueError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

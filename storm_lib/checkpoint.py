@@ -4,8 +4,13 @@ Format (``FORMAT``)::
 
     {"format": "storm_lib/1", "model": "storm" | "rssm", "config": dict,
      "action_dim": int, "state_dict": {name: Tensor}, "optimizer": dict | None,
-     "step": int, "history": {"train": [...], "val": [...]} | None,
-     "train_state": {RNG and sampler states} | None}
+     "step": int, "total_steps": int | None, "history": {"train": [...], "val": [...]} | None,
+     "train_state": {RNG and sampler states} | None,
+     "data": {"env_id", "steps", "seed", "image_size", "action_meanings", "sha256"} | None}
+
+``total_steps`` (the run's target) and ``data`` (what it was trained on, see
+``TrajectoryData.fingerprint``) tell a partial run from a finished one and let
+evaluation refuse mismatched data; files written before they existed lack them (None).
 
 Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``) and always
 maps to a chosen device, so a GPU checkpoint opens on a CPU. Everything that can go
@@ -15,8 +20,6 @@ misshapen weights) is a :class:`CheckpointError` with a readable message.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config
+from .files import atomic_write
 from .models import model_class
 from .types import WorldModel
 from .utils import default_device
@@ -37,6 +41,7 @@ _ENTRIES = {  # entries every file holds, and their allowed types (see FORMAT)
     "history": (dict, type(None)),
     "train_state": (dict, type(None)),
 }
+_OPTIONAL = {"total_steps": (int, type(None)), "data": (dict, type(None))}  # newer entries
 
 
 class CheckpointError(Exception):
@@ -44,23 +49,9 @@ class CheckpointError(Exception):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``.
-
-    A crash at any moment leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through :func:`storm_lib.files.atomic_write` (old or new file, never
+    a torn one; the user's umask; a full disk is an ``OSError`` naming the path)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: str | Path, device: torch.device | str | None = None) -> Any:
@@ -136,8 +127,10 @@ def save_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     step: int = 0,
+    total_steps: int | None = None,
     history: dict[str, list[dict[str, float]]] | None = None,
     train_state: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and optionally its training state) to one file, atomically.
 
@@ -147,11 +140,14 @@ def save_checkpoint(
             ``action_dim`` and ``state_dict``).
         optimizer: its state is stored for resuming.
         step: gradient steps taken.
+        total_steps: the steps the run is meant to take (``step < total_steps``: partial).
         history: ``History.to_dict()`` of the training run.
         train_state: RNG and sampler states (see ``train.fit``).
+        data: ``TrajectoryData.fingerprint`` of the training data.
 
     Raises:
         ValueError: the weights contain NaN or inf (nothing is written).
+        OSError: the file could not be written (e.g. a full disk); nothing is replaced.
     """
     _check_finite(model)  # type: ignore[arg-type]
     payload = {
@@ -162,8 +158,10 @@ def save_checkpoint(
         "state_dict": model.state_dict(),  # type: ignore[attr-defined]
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
+        "total_steps": None if total_steps is None else int(total_steps),
         "history": history,
         "train_state": train_state,
+        "data": data,
     }
     return atomic_torch_save(payload, path)
 
@@ -186,13 +184,51 @@ def read_checkpoint(path: str | Path, device: torch.device | str | None = None) 
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{source}: invalid step {step!r}")
     wrong = [k for k, types in _ENTRIES.items() if not isinstance(raw.get(k, ...), types)]
+    wrong += [k for k, types in _OPTIONAL.items() if not isinstance(raw.get(k), types)]
     if wrong:
         raise CheckpointError(f"{source}: damaged checkpoint: entries {wrong} missing or malformed")
     try:
         config = Config.from_dict(raw.get("config"))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: invalid config: {exc}") from None
-    return {**raw, "config": config}
+    return {**{k: None for k in _OPTIONAL}, **raw, "config": config}
+
+
+def is_partial(payload: dict[str, Any]) -> bool:
+    """Whether a :func:`read_checkpoint` payload stopped before its ``total_steps``."""
+    total = payload.get("total_steps")
+    return total is not None and payload["step"] < total
+
+
+def describe_checkpoint(payload: dict[str, Any], path: str | Path) -> str:
+    """One line saying what a checkpoint is: kind, step of total, profile, training data.
+
+    Example: ``checkpoints/storm_cpu.pt: STORM, step 3000 of 3000, profile cpu, trained
+    on ALE/Boxing-v5 (30000 steps, seed 0, sha256 3f2a9c1e0b7d4e55)``.
+    """
+    total = payload.get("total_steps")
+    step = f"step {payload['step']} of {total}" if total else f"step {payload['step']}"
+    if is_partial(payload):
+        step += " (partial)"
+    data = payload.get("data")
+    trained_on = (
+        f"trained on {data.get('env_id')} ({data.get('steps')} steps, seed {data.get('seed')}, "
+        f"sha256 {data.get('sha256')})"
+        if data
+        else "training data not recorded"
+    )
+    kind = str(payload["model"]).upper()
+    return f"{path}: {kind}, {step}, profile {payload['config'].name}, {trained_on}"
+
+
+def is_own_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a readable file in this library's checkpoint format, i.e. one
+    that our code wrote and may replace when asked. Unreadable or foreign files: False."""
+    try:
+        read_checkpoint(path, "cpu")
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_checkpoint(

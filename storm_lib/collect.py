@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import FORMAT, DataError, write_npz
+from .data import FORMAT, DataError, TrajectoryData, write_npz
 
 _CHUNK = 256  # frames resized per batch
 
@@ -70,6 +70,36 @@ def _check_collect_args(steps: int, image_size: int, frameskip: int, sticky: flo
         raise DataError(f"sticky_prob must be in [0, 1], got {sticky}")
 
 
+def check_target(path: Path, settings: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """True when ``path`` already holds this collection (nothing to do), False when
+    ``path`` may be written.
+
+    Raises:
+        DataError: ``path`` holds something else: a foreign or unreadable file (never
+            overwritten), or our own data with other settings (overwritten only with
+            ``overwrite``). The message says what differs.
+    """
+    if not path.exists():
+        return False
+    try:
+        existing = TrajectoryData.load(path)
+    except DataError as exc:
+        raise DataError(
+            f"{exc}\n  {path} is not a dataset this library can identify as its own, so it "
+            "is never overwritten: choose another output file."
+        ) from None
+    diff = existing.settings_diff(settings)
+    if not diff:
+        return True
+    if not overwrite:
+        differs = ", ".join(f"{k} {mine!r} (asked {want!r})" for k, (mine, want) in diff.items())
+        raise DataError(
+            f"{path} already holds other data: {differs}. It is left as it is: choose "
+            "another output file, or pass --force to replace this storm_lib dataset."
+        )
+    return False
+
+
 def collect(
     env_id: str,
     steps: int,
@@ -81,8 +111,13 @@ def collect(
     sticky_prob: float = 0.25,
     max_episode_steps: int = 27_000,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Play ``steps`` agent steps of a uniformly random policy and write them to ``path``.
+
+    ``path`` is written only when it does not exist. When it holds our own dataset with
+    the same settings it is kept as it is (nothing is collected); our own dataset with
+    other settings is replaced only with ``overwrite``; any other file never is.
 
     The env is seeded with ``seed`` on its first reset only (later resets carry its RNG on)
     and the policy draws from ``numpy.random.default_rng(seed)``, so a run is a pure
@@ -99,14 +134,25 @@ def collect(
         sticky_prob (float): probability that the emulator repeats the previous action.
         max_episode_steps (int): truncation length in agent steps. Default 27000.
         progress (bool): show a tqdm bar. Default True.
+        overwrite (bool): replace a dataset of ours collected with other settings.
 
     Returns:
         Path: ``path``.
+
+    Raises:
+        DataError: bad arguments, an unknown game, or a ``path`` that must not be written.
     """
     from tqdm import tqdm
 
     _check_collect_args(steps, image_size, frameskip, sticky_prob, max_episode_steps)
     path = Path(path)
+    settings = dict(
+        env_id=env_id, steps=int(steps), seed=int(seed), image_size=int(image_size),
+        frameskip=int(frameskip), sticky_prob=float(sticky_prob),
+        max_episode_steps=int(max_episode_steps),
+    )  # fmt: skip
+    if check_target(path, settings, overwrite=overwrite):
+        return path
     env = _make_env(env_id, frameskip, sticky_prob)
     try:
         env.reset(seed=seed)
@@ -159,11 +205,8 @@ def collect(
     import gymnasium
 
     meta = dict(
-        env_id=env_id, seed=int(seed), steps=int(steps), policy="uniform random",
-        action_dim=len(action_set), action_meanings=meanings, image_size=int(image_size),
-        frameskip=int(frameskip), sticky_prob=float(sticky_prob),
-        max_episode_steps=int(max_episode_steps),
-        episodes=int(episode[-1]) + 1, format=FORMAT,
+        **settings, policy="uniform random", action_dim=len(action_set),
+        action_meanings=meanings, episodes=int(episode[-1]) + 1, format=FORMAT,
         versions=dict(gymnasium=gymnasium.__version__, ale_py=ale_py.__version__,
                       numpy=np.__version__),
     )  # fmt: skip

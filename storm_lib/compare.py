@@ -137,7 +137,7 @@ def compare_priors(
         config: the profile; only ``heads.dynamics_head`` differs between the two models.
         train_data, val_data: the episode split of one trajectory file.
         mlp_path, maskgit_path: checkpoints, reused when finished with matching settings.
-        retrain: ignore existing checkpoints.
+        retrain: replace existing checkpoints of ours (never foreign files).
         count: evaluation windows (default ``config.eval.count``).
         repeats: timed repetitions (after one warm-up) for the cost numbers.
         device: default CUDA when available.

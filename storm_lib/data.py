@@ -8,9 +8,8 @@ Stored layout, one row per agent step (frame after an episode's last transition 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .types import Batch
 
 FORMAT = "storm_lib.data/1"
@@ -31,18 +31,31 @@ class DataError(ValueError):
     """Bad experience data or arguments: missing, corrupt, inconsistent or unusable."""
 
 
+SETTINGS = ("env_id", "steps", "seed", "image_size", "frameskip", "sticky_prob")
+SETTINGS += ("max_episode_steps",)
+"""Meta entries that define a collection: two files agreeing on all of them hold the same data."""
+
+
 def write_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """``np.savez_compressed`` to a temp file next to ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``np.savez_compressed`` through :func:`storm_lib.files.atomic_write`."""
+    return atomic_write(
+        path, lambda f: np.savez_compressed(f, **arrays, meta=np.array(json.dumps(meta)))
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in KEYS:
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -114,11 +127,14 @@ class TrajectoryData:
         obs: ``[N, 3, S, S]`` uint8; action, reward, cont, episode: ``[N]``.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Path | None):
+    def __init__(
+        self, arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Path | None, sha256: str
+    ):
         """Internal: use :meth:`load` or :meth:`from_arrays` (arrays already validated)."""
         self.obs, self.action = arrays["obs"], arrays["action"]
         self.reward, self.cont, self.episode = arrays["reward"], arrays["cont"], arrays["episode"]
-        self._meta, self.path = meta, path
+        self._meta, self.path, self._sha256 = meta, path, sha256
+        self._steps = len(self.obs)  # of the whole file: a split keeps its parent's count
         self._tensors = {k: torch.from_numpy(arrays[k]) for k in KEYS[:4]}  # zero-copy views
         self._starts: dict[int, torch.Tensor] = {}
 
@@ -144,7 +160,7 @@ class TrajectoryData:
             raise DataError(f"{path}: meta is not valid JSON ({e})") from e
         if not isinstance(meta, dict):
             raise DataError(f"{path}: meta must be a JSON object stored as a 0-d string")
-        return cls(*_validate(arrays, meta, str(path)), path)
+        return cls(*_validate(arrays, meta, str(path)), path, _file_sha256(path))
 
     @classmethod
     def from_arrays(
@@ -161,7 +177,8 @@ class TrajectoryData:
         ``meta`` defaults to ``{"env_id": "synthetic", "action_dim": max(action) + 1}``.
         """
         arrays = dict(obs=obs, action=action, reward=reward, cont=cont, episode=episode)
-        return cls(*_validate(arrays, meta, "arrays"), None)
+        checked, meta = _validate(arrays, meta, "arrays")
+        return cls(checked, meta, None, _arrays_sha256(checked))
 
     def save(self, path: str | Path) -> Path:
         """Write this data to ``path`` in :func:`collect`'s format (atomically)."""
@@ -178,6 +195,29 @@ class TrajectoryData:
     def meta(self) -> dict[str, Any]:
         """A copy of the metadata dict."""
         return json.loads(json.dumps(self._meta))
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on (a split records the
+        whole file it came from): env id, steps, seed, image size, action meanings and
+        the first 16 hex digits of the file's SHA-256 (of the arrays, for in-memory data)."""
+        return {
+            "env_id": self.env_id,
+            "steps": int(self._meta.get("steps", self._steps)),
+            "seed": self._meta.get("seed"),
+            "image_size": self.image_size,
+            "action_meanings": self.action_meanings,
+            "sha256": self._sha256[:16],
+        }
+
+    def settings_diff(self, wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{name: (this file's value, wanted value)}`` for each of :data:`SETTINGS` in
+        ``wanted`` that differs (a setting the file does not record counts as differing)."""
+        return {
+            k: (self._meta.get(k), v)
+            for k, v in wanted.items()
+            if k in SETTINGS and self._meta.get(k) != v
+        }
 
     @property
     def action_dim(self) -> int:
@@ -231,7 +271,10 @@ class TrajectoryData:
         return self._subset(~is_val), self._subset(is_val)
 
     def _subset(self, mask: np.ndarray) -> TrajectoryData:
-        return TrajectoryData({k: getattr(self, k)[mask] for k in KEYS}, self._meta, self.path)
+        part = {k: getattr(self, k)[mask] for k in KEYS}
+        subset = TrajectoryData(part, self._meta, self.path, self._sha256)
+        subset._steps = self._steps
+        return subset
 
     def valid_starts(self, length: int) -> torch.Tensor:
         """Rows where a window of ``length`` steps stays in one episode (cached), int64 [M]."""

@@ -92,15 +92,42 @@ def _max_index(sd: dict[str, Tensor], prefix: str) -> int:
     return max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
 
 
-def _infer_config(sd: dict[str, Tensor], source: str) -> tuple[Config, int, str]:
+def _split_latent(
+    stoch: int, categoricals: int | None, classes: int | None, source: str
+) -> tuple[int, int]:
+    """K and V from their product (the only thing the shapes give) and what the user said."""
+    how = (
+        "say which with categoricals= / classes= (CLI: --rssm-latent KxV, e.g. 32x32; "
+        "notebook: P03_LATENT=32x32)"
+    )
+    if categoricals is None and classes is None:
+        raise CheckpointError(
+            f"{source}: the RSSM's prior has K x V = {stoch} outputs, and no tensor shape tells "
+            f"the categoricals K from the classes V (32 x 32 and 64 x 16 look the same); {how}"
+        )
+    k = categoricals if categoricals is not None else stoch // max(classes or 1, 1)
+    v = classes if classes is not None else stoch // max(categoricals or 1, 1)
+    if k < 1 or v < 1 or k * v != stoch:
+        raise CheckpointError(
+            f"{source}: K={categoricals} and V={classes} do not fit the prior's {stoch} "
+            f"outputs (K x V must equal {stoch}); {how}"
+        )
+    return k, v
+
+
+def _infer_config(
+    sd: dict[str, Tensor],
+    source: str,
+    categoricals: int | None = None,
+    classes: int | None = None,
+) -> tuple[Config, int, str]:
     """Config and action count of the RSSM that ``sd`` belongs to, and a note of the sizes.
 
     deter and hidden from ``gru.weight_ih`` [3*deter, hidden]; K*V from ``prior.3.weight``;
     A = ``img_in.0.weight`` columns - K*V; stem channels, stages and BatchNorm from the
     encoder convs; E from ``posterior.0.weight`` columns - deter, hence the image size;
-    reward bins and MLP layers from the reward head. K and V do not change any shape:
-    the profile defaults are kept when K*V matches them, else K = V = sqrt(K*V) for a
-    square, else V = default and K = K*V / V. Reward bin range and unimix are defaults.
+    reward bins and MLP layers from the reward head. K and V change no shape, only their
+    product does, so one of them must be given. Reward bin range and unimix are defaults.
     """
 
     def shape(key: str, dims: int) -> tuple[int, ...]:
@@ -129,15 +156,9 @@ def _infer_config(sd: dict[str, Tensor], source: str) -> tuple[Config, int, str]
     last = max(_max_index(sd, "reward_head.net"), 0)
     bins, mlp_layers = shape(f"reward_head.net.{last}.weight", 2)[0], last // 3 + 1
     vae = config.vae
-    if stoch == vae.categoricals * vae.classes:
-        k, v = vae.categoricals, vae.classes
-    elif math.isqrt(stoch) ** 2 == stoch:
-        k = v = math.isqrt(stoch)
-    else:
-        v = vae.classes if stoch % vae.classes == 0 else stoch
-        k = stoch // v
+    k, v = _split_latent(stoch, categoricals, classes, source)
     note = (
-        f"inferred: deter={deter}, hidden={hidden}, K*V={stoch} (K={k}, V={v} assumed), "
+        f"inferred: deter={deter}, hidden={hidden}, K*V={stoch} (K={k}, V={v} as given), "
         f"action_dim={action_dim}, stem_channels={stem}, stages={stages}, "
         f"batch_norm={batch_norm}, image_size={final_size * 2**stages}, "
         f"reward_bins={bins}, mlp_layers={mlp_layers}"
@@ -162,6 +183,8 @@ def load_rssm_checkpoint(
     device: torch.device | str | None = None,
     *,
     action_dim: int | None = None,
+    categoricals: int | None = None,
+    classes: int | None = None,
 ) -> RSSMWorldModel:
     """Load an RSSM (P03) checkpoint: this project's format or a bare state dict.
 
@@ -169,12 +192,16 @@ def load_rssm_checkpoint(
     or ``"model"``, optionally with ``_orig_mod.`` prefixes) must use the key names listed
     in :func:`save_p03_checkpoint`; the sizes are inferred from the tensor shapes and any
     mismatch names the missing and unexpected keys, the shape mismatches and the inferred
-    sizes. Files are always read with ``weights_only=True`` and ``map_location``.
+    sizes. K and V appear in no shape, only K * V does: for a bare state dict give
+    ``categoricals`` (K) or ``classes`` (V), or both; the loader never guesses them.
+    Files are always read with ``weights_only=True`` and ``map_location``, never written.
 
     Args:
         path: the file.
         device: where to put the model (default: CUDA if available, else CPU).
         action_dim: if given, the dataset's action count, which the model must match.
+        categoricals: K, for a bare state dict (ignored for this project's format).
+        classes: V, likewise.
 
     Returns:
         The model in eval mode on ``device``.
@@ -199,7 +226,7 @@ def load_rssm_checkpoint(
         )
     else:
         state_dict = _unwrap_state_dict(raw, source)
-        config, found_actions, note = _infer_config(state_dict, source)
+        config, found_actions, note = _infer_config(state_dict, source, categoricals, classes)
     if action_dim is not None and found_actions != action_dim:
         raise CheckpointError(
             f"{source}: wrong action count for the dataset: the model has {found_actions} "

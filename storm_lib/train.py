@@ -8,9 +8,13 @@ the backbones' cost alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    is_own_checkpoint,
+    load_state_strict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import DataError, TrajectoryData
+from .files import exclusive_lock
 from .types import Batch, WorldModel
 from .utils import autocast, default_device, seed_everything
 
@@ -74,10 +85,60 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), *rest))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     generator.set_state(state["sampler"].cpu())
+
+
+@dataclass
+class _StepStart:
+    """What a training step changes before its optimizer step: the RNGs (batch draw,
+    latent samples, dropout) and the buffers (BatchNorm running statistics). Restored
+    when a step is interrupted, so the saved state is that of the last completed step."""
+
+    rng: dict[str, Any]
+    buffers: dict[str, torch.Tensor]
+
+    @classmethod
+    def take(cls, model: Any, generator: torch.Generator) -> _StepStart:
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        return cls(rng=_rng_state(generator), buffers=buffers)
+
+    def restore(self, model: Any, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(self.buffers[name])
+        _set_rng_state(self.rng, generator)
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps() -> Iterator[Callable[[], bool]]:
+    """Hold a Ctrl-C (SIGINT) until the current training step has finished.
+
+    Yields a function that tells whether one arrived; the loop then stops at a step
+    boundary. A second Ctrl-C interrupts at once. Only the main thread can own signal
+    handlers; elsewhere (and where SIGINT is ignored) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield lambda: False
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(pending)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> None:
@@ -159,6 +220,7 @@ def fit(
     device: torch.device | str | None = None,
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log_every: int = 10,
 ) -> History:
@@ -178,9 +240,12 @@ def fit(
         steps: total gradient steps, counting those of a resumed checkpoint.
         config: batch size, sequence length, lr, clipping, intervals, seed.
         device: default CUDA if available.
-        checkpoint_path: where to write checkpoints (None: no checkpoints).
+        checkpoint_path: where to write checkpoints (None: no checkpoints). The file is
+            locked for the run: a second training to the same path fails at once.
         resume: continue from ``checkpoint_path`` if it exists (optimizer, step, RNG
             and sampler states, history): the result equals an uninterrupted run.
+        overwrite: replace an existing ``checkpoint_path`` instead of resuming it; only
+            ever a checkpoint of this library's format, never a foreign file.
         progress: show a tqdm bar with the losses.
         log_every: steps between training-metric records.
 
@@ -188,12 +253,50 @@ def fit(
         TrainingError: mismatched data and model (before any step), or a non-finite
             loss (naming the step and the term; the last good checkpoint is kept).
         DataError: a split has no episode as long as ``config.seq_len`` (before any step).
-
-    A KeyboardInterrupt saves a checkpoint at the last completed step and returns
-    the history so far.
+        CheckpointError: ``checkpoint_path`` exists and is not ours, or is ours and
+            neither ``resume`` nor ``overwrite`` was given (before any step).
+        FileBusyError: another process is training to ``checkpoint_path``.
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last completed step
+            is saved. A Ctrl-C is held until the running step ends; an exception raised
+            inside a step (or a second Ctrl-C) undoes the step's RNG draws and BatchNorm
+            updates first. Either way, resuming gives the uninterrupted run bit for bit.
     """
     device = default_device(device)
     check_compatible(model, train_data, config.seq_len)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    if path is not None and path.exists():
+        if not is_own_checkpoint(path):
+            raise CheckpointError(
+                f"{path}: exists and is not a storm_lib checkpoint; it is never overwritten. "
+                "Choose another checkpoint path."
+            )
+        if not (resume or overwrite):
+            raise CheckpointError(
+                f"{path}: already holds a checkpoint; resume it, or ask to overwrite it"
+            )
+    with contextlib.ExitStack() as stack:
+        if path is not None:
+            stack.enter_context(exclusive_lock(path))
+        return _fit_locked(
+            model, train_data, val_data, steps=steps, config=config, device=device,
+            path=path, resume=resume, progress=progress, log_every=log_every,
+        )  # fmt: skip
+
+
+def _fit_locked(
+    model: WorldModel,
+    train_data: TrajectoryData,
+    val_data: TrajectoryData,
+    *,
+    steps: int,
+    config: TrainConfig,
+    device: torch.device,
+    path: Path | None,
+    resume: bool,
+    progress: bool,
+    log_every: int,
+) -> History:
+    """:func:`fit` once its arguments are checked and ``path`` is locked."""
     for role, data in (("training", train_data), ("validation", val_data)):
         try:  # fail before any step (and say which split) if no window fits an episode
             data.valid_starts(config.seq_len)
@@ -204,11 +307,11 @@ def fit(
     model.to(device)  # type: ignore[attr-defined]
     optimizer = make_optimizer(model, config, device)
     history, step = History(), 0
-    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        payload = read_checkpoint(checkpoint_path, device)
+    if resume and path is not None and path.exists():
+        payload = read_checkpoint(path, device)
         if payload["model"] != model.kind:  # type: ignore[attr-defined]
-            raise CheckpointError(f"{checkpoint_path}: holds a {payload['model']} model")
-        load_state_strict(model, payload["state_dict"], str(checkpoint_path))  # type: ignore[arg-type]
+            raise CheckpointError(f"{path}: holds a {payload['model']} model")
+        load_state_strict(model, payload["state_dict"], str(path))  # type: ignore[arg-type]
         if payload["optimizer"] is not None:
             optimizer.load_state_dict(payload["optimizer"])
         step, history = payload["step"], History.from_dict(payload["history"])
@@ -219,14 +322,16 @@ def fit(
     val_batches = val_windows.chunks(config.batch_size)
 
     def checkpoint() -> None:
-        if checkpoint_path is not None:
+        if path is not None:
             save_checkpoint(
-                checkpoint_path,
+                path,
                 model,
                 optimizer=optimizer,
                 step=step,
+                total_steps=steps,
                 history=history.to_dict(),
                 train_state=_rng_state(generator),
+                data=train_data.fingerprint,
             )
 
     # torch.compile wraps the bound method, not the module: state_dict keys stay unprefixed.
@@ -243,48 +348,59 @@ def fit(
         desc=f"train {label}",
         dynamic_ncols=True,
     )  # type: ignore[attr-defined]
-    try:
-        while step < steps:
-            start = time.perf_counter()
-            batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
-            with autocast(device):
-                loss, metrics = loss_fn(batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss at step {step + 1}: {_first_non_finite(metrics)}; "
-                    "no weights were saved after it"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(),
-                config.grad_clip,  # type: ignore[attr-defined]
-            )
-            optimizer.step()
-            step += 1
-            if device.type == "cuda" and step % log_every == 0:
-                torch.cuda.synchronize(device)
-            clock += time.perf_counter() - start
-            if step % log_every == 0 or step == steps:
-                record = {k: float(v) for k, v in metrics.items()}
-                record.update(step=step, time=clock, grad_norm=float(grad_norm))
-                history.train.append(record)
-                bar.set_postfix(
-                    loss=f"{record['loss/total']:.1f}",
-                    tok=f"{record.get('token_nll', float('nan')):.1f}",
-                )
-            if step % config.eval_every == 0 or step == steps:
-                record = validate(model, val_batches, device, config.seed)
-                record.update(step=step, time=clock)
-                history.val.append(record)
-            if step == steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint()
-            bar.update(1)
-    except KeyboardInterrupt:
-        checkpoint()
-        saved = f"saved step {step} to {checkpoint_path}" if checkpoint_path else "not saved"
-        print(f"Interrupted after step {step} ({saved}); returning the history so far.")
-    finally:
-        bar.close()
+    with _interrupt_between_steps() as interrupted:
+        try:
+            while step < steps:
+                start = time.perf_counter()
+                step_start = _StepStart.take(model, generator)
+                try:
+                    batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
+                    with autocast(device):
+                        loss, metrics = loss_fn(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1}: {_first_non_finite(metrics)}; "
+                            "no weights were saved after it"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        model.parameters(),
+                        config.grad_clip,  # type: ignore[attr-defined]
+                    )
+                except KeyboardInterrupt:
+                    step_start.restore(model, generator)  # as if the step never began
+                    raise
+                optimizer.step()  # the step is complete once this returns
+                step += 1
+                if device.type == "cuda" and step % log_every == 0:
+                    torch.cuda.synchronize(device)
+                clock += time.perf_counter() - start
+                if step % log_every == 0 or step == steps:
+                    record = {k: float(v) for k, v in metrics.items()}
+                    record.update(step=step, time=clock, grad_norm=float(grad_norm))
+                    history.train.append(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss/total']:.1f}",
+                        tok=f"{record.get('token_nll', float('nan')):.1f}",
+                    )
+                if step % config.eval_every == 0 or step == steps:
+                    record = validate(model, val_batches, device, config.seed)
+                    record.update(step=step, time=clock)
+                    history.val.append(record)
+                every = config.checkpoint_every
+                if step == steps or (every and step % every == 0):
+                    checkpoint()
+                bar.update(1)
+                if interrupted() and step < steps:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            checkpoint()
+            where = f"saved to {path}; re-run to resume" if path else "not saved (no path)"
+            print(f"Interrupted at step {step} of {steps} ({where}).", flush=True)
+            raise
+        finally:
+            bar.close()
     model.eval()  # type: ignore[attr-defined]
     return history

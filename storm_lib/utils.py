@@ -12,10 +12,27 @@ from torch import nn
 
 
 def default_device(device: torch.device | str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given, else CUDA when available, else CPU.
+
+    Raises:
+        ValueError: an unknown device name, or CUDA asked for where this PyTorch has none
+            (instead of PyTorch's ``AssertionError`` deep inside the first transfer).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: this PyTorch sees no CUDA GPU "
+                f"(torch {torch.__version__}, cuda {torch.version.cuda}); use cpu"
+            )
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s)")
+    return chosen
 
 
 def seed_everything(seed: int) -> None:

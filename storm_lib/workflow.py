@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    describe_checkpoint,
+    is_own_checkpoint,
+    is_partial,
+    load_checkpoint,
+    read_checkpoint,
+)
 from .collect import collect
 from .config import Config, get_profile
 from .data import DataError, TrajectoryData
@@ -26,46 +33,106 @@ def data_path(config: Config, root: str | Path = "data") -> Path:
     return Path(root) / f"{game}_{config.data.steps}_seed{config.data.seed}.npz"
 
 
+def checkpoint_path(kind: str, config: Config, root: str | Path = "checkpoints") -> Path:
+    """Where our own training of ``kind`` on this profile goes, e.g.
+    ``checkpoints/storm_cpu.pt``, ``checkpoints/rssm_cpu.pt`` or, for STORM with the
+    MaskGIT prior, ``checkpoints/storm_maskgit_cpu.pt``. A student's P03 file never
+    lives at one of these names: it is only read, from wherever ``P03_CHECKPOINT`` says."""
+    head = config.heads.dynamics_head if kind == "storm" else "mlp"
+    name = kind if head == "mlp" else f"{kind}_{head}"
+    return Path(root) / f"{name}_{config.name}.pt"
+
+
+def data_settings(config: Config) -> dict[str, object]:
+    """The profile's collection settings, named as a data file's meta names them."""
+    d = config.data
+    return dict(
+        env_id=d.env_id, steps=d.steps, seed=d.seed, image_size=d.image_size,
+        frameskip=d.frameskip, sticky_prob=d.sticky_prob, max_episode_steps=d.max_episode_steps,
+    )  # fmt: skip
+
+
 def ensure_data(
-    config: Config, path: str | Path | None = None, *, progress: bool = True
+    config: Config, path: str | Path | None = None, *, progress: bool = True, as_is: bool = False
 ) -> tuple[TrajectoryData, TrajectoryData]:
-    """Load the trajectories at ``path`` if present and matching ``config.data``;
-    otherwise collect them from the game. Returns the (train, validation) split by
-    whole episodes."""
-    cfg = config.data
+    """The profile's trajectories, split (train, validation) by whole episodes.
+
+    ``path`` (default :func:`data_path`) is collected from the game when it does not
+    exist. An existing file is only ever read: when it cannot be loaded, or was collected
+    with other settings than the profile's, that is a ``DataError`` saying what differs
+    and how to collect a matching file; the file is left as it is. With ``as_is`` a valid
+    file with other settings is used anyway (e.g. a P03 dataset from ``import-data``).
+    """
     path = Path(path) if path is not None else data_path(config)
-    data = None
-    if path.exists():
-        try:
-            data = TrajectoryData.load(path)
-        except DataError as exc:
-            print(f"{path} is unusable ({exc}); collecting it again.")
-        else:
-            meta = data.meta
-            wanted = {"env_id": cfg.env_id, "seed": cfg.seed, "steps": cfg.steps}
-            if any(meta.get(k) != v for k, v in wanted.items()):
-                print(f"{path} was collected with other settings; collecting again.")
-                data = None
-    if data is None:
+    wanted = data_settings(config)
+    if not path.exists():
         start = time.perf_counter()
-        collect(
-            cfg.env_id,
-            cfg.steps,
-            cfg.seed,
-            path,
-            image_size=cfg.image_size,
-            frameskip=cfg.frameskip,
-            sticky_prob=cfg.sticky_prob,
-            max_episode_steps=cfg.max_episode_steps,
-            progress=progress,
-        )
+        collect(path=path, progress=progress, **wanted)  # type: ignore[arg-type]
         data = TrajectoryData.load(path)
-        print(
-            f"Collected {len(data)} steps of {cfg.env_id} in {time.perf_counter() - start:.0f} s."
+        seconds = time.perf_counter() - start
+        print(f"Collected {len(data)} steps of {data.env_id} to {path} in {seconds:.0f} s.")
+        return data.split(config.data.val_fraction, seed=config.data.seed)
+    data = TrajectoryData.load(path)  # a DataError names the file; nothing is written
+    diff = data.settings_diff(wanted)
+    listing = "\n".join(f"  {k}: file {a!r}, profile {b!r}" for k, (a, b) in diff.items())
+    if diff and not as_is:
+        default = data_path(config)
+        fix = (
+            f"leave the data path out to use (or collect) {default}"
+            if default != path
+            else f"collect into a new file with `python -m storm_lib collect --profile "
+            f"{config.name} --out NEW.npz` and pass that"
         )
-    else:
-        print(f"Reusing {path} ({len(data)} steps, {data.num_episodes} episodes).")
-    return data.split(cfg.val_fraction, seed=cfg.seed)
+        raise DataError(
+            f"{path} was not collected with the {config.name!r} profile's settings:\n{listing}\n"
+            f"It was left as it is. To train on matching data, {fix}; to use this file "
+            "anyway, pass --data-as-is (CLI) or as_is=True."
+        )
+    if diff:
+        print(f"Using {path} as it is; it differs from the {config.name!r} profile:\n{listing}")
+    print(f"Reusing {path} ({len(data)} steps, {data.num_episodes} episodes).")
+    return data.split(config.data.val_fraction, seed=config.data.seed)
+
+
+def check_trained_on(payload: dict, data: TrajectoryData, source: str | Path) -> list[str]:
+    """Check a checkpoint's record of its training data against evaluation ``data``.
+
+    A different game, frame size or action set makes the comparison meaningless: that is
+    a ``DataError``. Other data of the same game is sensible (fresh episodes), so a
+    different file, or a checkpoint that records no data, gives a returned warning.
+    """
+    trained = payload.get("data") if payload else None
+    if not trained:
+        return [f"{source}: records no training data, so it cannot be checked against {data}"]
+    mine = data.fingerprint
+    for key in ("env_id", "image_size", "action_meanings"):
+        if trained.get(key) != mine[key]:
+            raise DataError(
+                f"{source} was trained on data with {key} {trained.get(key)!r}, but "
+                f"{data.path or 'the evaluation data'} has {mine[key]!r}: scores would be "
+                "meaningless. Evaluate it on data of the game it was trained on."
+            )
+    if trained.get("sha256") != mine["sha256"]:
+        return [
+            f"{source} was trained on another {mine['env_id']} file (sha256 "
+            f"{trained.get('sha256')}, not {mine['sha256']}): its held-out episodes are not "
+            "the ones the model never saw"
+        ]
+    return []
+
+
+def _run_difference(payload: dict, kind: str, config: Config, data: TrajectoryData) -> str:
+    """Why an existing checkpoint is not a (partial or finished) run of this training, or ''."""
+    if payload["model"] != kind:
+        return f"it holds a {payload['model']} model"
+    mine, theirs = _training_fields(config), _training_fields(payload["config"])
+    sections = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if sections:
+        return f"other settings in config sections {sections}"
+    recorded = payload.get("data")
+    if recorded and recorded.get("sha256") != data.fingerprint["sha256"]:
+        return f"it was trained on other data (sha256 {recorded.get('sha256')})"
+    return ""
 
 
 def train_or_load(
@@ -79,28 +146,41 @@ def train_or_load(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> tuple[WorldModel, History]:
-    """Reuse the finished checkpoint at ``path``, or train ``kind`` for
-    ``config.train.steps`` steps (resuming a partial checkpoint) and save it there."""
+    """Reuse the finished checkpoint at ``path``, resume a partial one of the same run, or
+    train ``kind`` for ``config.train.steps`` steps and save it there.
+
+    ``path`` is only written when it is new or holds our own checkpoint: of the same run
+    (resumed), or of any run when ``retrain`` asks to replace it. A foreign or unreadable
+    file, or our checkpoint of another run without ``retrain``, is a ``CheckpointError``
+    and the file is left as it is.
+    """
     device = default_device(device)
     path = Path(path)
     steps = config.train.steps
     resume = False
-    if path.exists() and not retrain:
+    if path.exists():
         try:
             payload = read_checkpoint(path, device)
         except CheckpointError as exc:
-            print(f"{exc}\nTraining a new {kind} model instead.")
-        else:
-            same = payload["model"] == kind and _training_fields(payload["config"]) == (
-                _training_fields(config)
+            raise CheckpointError(
+                f"{exc}\n  It is not a checkpoint this library wrote, so it is never "
+                "overwritten: choose another checkpoint path."
+            ) from None
+        print(describe_checkpoint(payload, path))
+        differs = _run_difference(payload, kind, config, train_data)
+        if retrain:
+            print(f"Replacing it, as asked, with a new {kind} run of {steps} steps.")
+        elif differs:
+            raise CheckpointError(
+                f"{path}: not a run of this training ({differs}). It was left as it is: "
+                "choose another path, or replace it with --force (CLI) / RETRAIN=1 (notebook)."
             )
-            if same and payload["step"] >= steps:
-                model = load_checkpoint(path, device, kind=kind, action_dim=train_data.action_dim)
-                print(f"Loaded {kind} from {path} (step {payload['step']}).")
-                return model, History.from_dict(payload["history"])
-            resume = same
-            if not same:
-                print(f"{path} holds a model with other settings; training a new one.")
+        elif payload["step"] >= steps:
+            model = load_checkpoint(path, device, kind=kind, action_dim=train_data.action_dim)
+            return model, History.from_dict(payload["history"])
+        else:
+            resume = True
+            print(f"Resuming it from step {payload['step']} to {steps}.")
     seed_everything(config.train.seed)  # initial weights depend on the seed alone
     model = build_world_model(kind, config, train_data.action_dim, device)  # type: ignore[arg-type]
     history = fit(
@@ -112,6 +192,7 @@ def train_or_load(
         device=device,
         checkpoint_path=path,
         resume=resume,
+        overwrite=retrain,
         progress=progress,
     )
     return model, history
@@ -128,6 +209,29 @@ def _training_fields(config: Config) -> dict:
     return {k: v for k, v in raw.items() if k not in ("name", "eval")}
 
 
+def _checked_payload(
+    path: str | Path, data: TrajectoryData | None, *, allow_partial: bool
+) -> dict | None:
+    """Read, describe and check one of our checkpoints before scoring it (None for a file
+    in another format, e.g. a bare P03 state dict, which records nothing to check)."""
+    if not is_own_checkpoint(path):
+        if data is not None:
+            print(f"note: {path}: a bare state dict records no training data to check.")
+        return None
+    payload = read_checkpoint(path, "cpu")
+    print(describe_checkpoint(payload, path))
+    if is_partial(payload) and not allow_partial:
+        raise CheckpointError(
+            f"{path}: a partial run (step {payload['step']} of {payload['total_steps']}); it is "
+            "not graded as if finished. Finish it by training again to the same path, or "
+            "score it as it is with --allow-partial (CLI) / ALLOW_PARTIAL=1 (notebook)."
+        )
+    if data is not None:
+        for warning in check_trained_on(payload, data, path):
+            print(f"warning: {warning}")
+    return payload
+
+
 def evaluate_checkpoints(
     *,
     storm: str | Path | None,
@@ -138,19 +242,27 @@ def evaluate_checkpoints(
     profile: str | None = None,
     device: torch.device | str | None = None,
     fvd: bool = False,
+    allow_partial: bool = False,
+    rssm_latent: tuple[int, int] | None = None,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
-    Loads the STORM checkpoint and/or the RSSM (P03) checkpoint, scores both on the same
-    fixed evaluation windows, prints the table of steps 1, 3, 5, 10 (with each model's
-    reconstruction ceiling and the copy-last-frame baseline) and writes
-    ``out/psnr_vs_horizon.png``. With ``fvd``, also the FVD of each model's clips on
-    the profile's ``eval.fvd_count`` windows (skipped with a sentence when the I3D
-    weights are not installed). Returns ``RolloutPSNR.to_dict()`` (plus ``"fvd"``).
+    Loads the STORM checkpoint and/or the RSSM (P03) checkpoint, says what each is (kind,
+    step of total, profile, training data), refuses a partial run unless
+    ``allow_partial``, and checks each against ``data`` (:func:`check_trained_on`). Then
+    scores both on the same fixed evaluation windows with argmax and with sampled latents,
+    printing for each the table of steps 1, 3, 5, 10 (with each model's ceiling of the
+    same kind, its posterior entropy and the trivial baselines), where each model's gap
+    comes from, and whether it uses its actions; writes ``out/psnr_vs_horizon.png`` and
+    ``out/action_sensitivity.png``. With ``fvd``, also the FVD of each model's clips
+    on the profile's ``eval.fvd_count`` windows (skipped with a sentence when the I3D
+    weights are not installed). ``rssm_latent`` is ``(K, V)`` for a bare P03 state dict,
+    whose shapes only give K * V. Returns ``{"mode": ..., "sample": ...}`` of
+    ``RolloutPSNR.to_dict()``, ``"actions"`` (and ``"fvd"``).
     """
-    from .evaluate import rollout_psnr
-    from .p03 import load_rssm_checkpoint
-    from .plots import plot_psnr_vs_horizon
+    from .evaluate import MODES, action_sensitivity, rollout_psnr
+    from .plots import plot_action_sensitivity, plot_psnr_vs_horizon
+    from .report import gap_decomposition
 
     if storm is None and rssm is None:
         raise ValueError("give --storm and/or --rssm")
@@ -161,29 +273,41 @@ def evaluate_checkpoints(
     _, val_data = all_data.split(config.data.val_fraction, seed=config.data.seed)
     models: dict[str, WorldModel] = {}
     if storm is not None:
+        _checked_payload(storm, all_data, allow_partial=allow_partial)
         models["STORM"] = load_checkpoint(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
     if rssm is not None:
-        models["RSSM"] = load_rssm_checkpoint(rssm, device, action_dim=val_data.action_dim)
+        models["RSSM"], _ = load_p03(
+            rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
+        )
     ev = config.eval
-    result = rollout_psnr(
-        models,
-        val_data,
-        context=ev.context,
-        horizon=ev.horizon,
-        count=count or ev.count,
-        seed=ev.seed,
-        batch_size=ev.batch_size,
-        device=device,
-    )
-    print(result.table())
+    protocol = dict(
+        context=ev.context, horizon=ev.horizon, count=count or ev.count, seed=ev.seed,
+        batch_size=ev.batch_size, device=device,
+    )  # fmt: skip
+    results = {mode: rollout_psnr(models, val_data, mode=mode, **protocol) for mode in MODES}
+    for result in results.values():
+        print(result.table(), end="\n\n")
+    for name in models:
+        print(gap_decomposition(results, name))
+    sensitivity = action_sensitivity(models, val_data, **protocol)
+    for name, sens in sensitivity.items():
+        gains = sens.real.mean - sens.shuffled.mean
+        print(
+            f"{name}: real minus shuffled future actions {gains[-1]:+.2f} dB at step "
+            f"{ev.horizon}; the two rollouts are {sens.between.mean[-1]:.1f} dB apart"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figure = plot_psnr_vs_horizon(result)
-    figure.savefig(out / "psnr_vs_horizon.png", dpi=100, bbox_inches="tight")
-    print(f"wrote {out / 'psnr_vs_horizon.png'} in {time.perf_counter() - start:.0f} s")
-    summary = result.to_dict()
+    plot_psnr_vs_horizon(results).savefig(out / "psnr_vs_horizon.png", bbox_inches="tight")
+    plot_action_sensitivity(sensitivity).savefig(
+        out / "action_sensitivity.png", bbox_inches="tight"
+    )
+    seconds = time.perf_counter() - start
+    print(f"wrote {out / 'psnr_vs_horizon.png'} and action_sensitivity.png in {seconds:.0f} s")
+    summary: dict = {mode: r.to_dict() for mode, r in results.items()}
+    summary["actions"] = {name: sens.to_dict() for name, sens in sensitivity.items()}
     if fvd and ev.fvd_count:
         from .fvd import fvd_for_models
         from .nets.i3d import FVDWeightsError
@@ -216,14 +340,40 @@ def get_profile_for_eval(
 
 
 def load_p03(
-    path: str | Path, device: torch.device | str | None = None, *, action_dim: int | None = None
+    path: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    data: TrajectoryData | None = None,
+    allow_partial: bool = False,
+    latent: tuple[int, int] | None = None,
 ) -> tuple[WorldModel, History]:
-    """A P03 (RSSM) checkpoint and its training history (empty for a bare state dict)."""
+    """A P03 (RSSM) checkpoint, read and never written, and its training history (empty
+    for a bare state dict).
+
+    Says what the file is, refuses a partial run of ours unless ``allow_partial``, and
+    checks it against ``data`` when given (:func:`check_trained_on`). ``latent`` is
+    ``(K, V)`` for a bare state dict, whose tensor shapes only give K * V.
+
+    Raises:
+        CheckpointError: no such file (nothing is trained in its place), an unusable
+            file, or a partial run.
+        DataError: it was trained on another game, frame size or action set than ``data``.
+    """
     from .p03 import load_rssm_checkpoint
 
-    model = load_rssm_checkpoint(path, device, action_dim=action_dim)
-    try:
-        history = History.from_dict(read_checkpoint(path, "cpu").get("history"))
-    except CheckpointError:  # a bare state dict: the model loaded, but there is no history
-        history = History()
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"{path}: no such P03 checkpoint file. A P03 checkpoint is only ever read, and "
+            "nothing is trained in its place: check the path (P03_CHECKPOINT / --rssm)."
+        )
+    payload = _checked_payload(path, data, allow_partial=allow_partial)
+    categoricals, classes = latent if latent else (None, None)
+    model = load_rssm_checkpoint(
+        path,
+        device,
+        action_dim=None if data is None else data.action_dim,
+        categoricals=categoricals,
+        classes=classes,
+    )
+    history = History.from_dict(payload["history"]) if payload else History()
     return model, history

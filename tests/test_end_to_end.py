@@ -32,15 +32,15 @@ def run_cli(*args: str, cwd: Path) -> str:
 def test_cli_collect_train_evaluate(tmp_path):
     data = "data/boxing.npz"
     assert "wrote data/boxing.npz" in run_cli("collect", "--out", data, cwd=tmp_path)
-    for kind, out in (("storm", "checkpoints/storm.pt"), ("rssm", "checkpoints/p03_rssm.pt")):
-        text = run_cli("train", "--model", kind, "--data", data, "--out", out, cwd=tmp_path)
-        assert "validation loss" in text and (tmp_path / out).exists()
+    for kind in ("storm", "rssm"):  # to the default paths, checkpoints/<model>_<profile>.pt
+        text = run_cli("train", "--model", kind, "--data", data, cwd=tmp_path)
+        assert "validation loss" in text and (tmp_path / f"checkpoints/{kind}_smoke.pt").exists()
     text = run_cli(
         "evaluate",
         "--storm",
-        "checkpoints/storm.pt",
+        "checkpoints/storm_smoke.pt",
         "--rssm",
-        "checkpoints/p03_rssm.pt",
+        "checkpoints/rssm_smoke.pt",
         "--data",
         data,
         "--out",

@@ -97,7 +97,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 LOADERS: dict[str, tuple[Callable[[Path], Any], type[Exception], str]] = {
     "load_checkpoint": (lambda p: load_checkpoint(p, "cpu"), CheckpointError, "storm.pt"),
     "read_checkpoint": (lambda p: read_checkpoint(p, "cpu"), CheckpointError, "storm.pt"),
-    "load_rssm_checkpoint": (lambda p: load_rssm_checkpoint(p, "cpu"), CheckpointError, "rssm.pt"),
+    "load_rssm_checkpoint": (  # K is given: a bare state dict's shapes only tell K * V
+        lambda p: load_rssm_checkpoint(p, "cpu", categoricals=tiny_config().vae.categoricals),
+        CheckpointError,
+        "rssm.pt",
+    ),
     "TrajectoryData.load": (TrajectoryData.load, DataError, "data.npz"),
 }
 

@@ -194,7 +194,8 @@ def test_bare_state_dict_sizes_inferred(tmp_path: Path, variant: str, wrap: str)
         sd = {f"_orig_mod.{k}": v for k, v in sd.items()}
     obj = {"state_dict": sd, "epoch": 3} if wrap == "nested" else sd
     torch.save(obj, tmp_path / "bare.pt")
-    loaded = load_rssm_checkpoint(tmp_path / "bare.pt", "cpu")
+    k = c.vae.categoricals  # the one size shapes cannot give: K (or V) must be said
+    loaded = load_rssm_checkpoint(tmp_path / "bare.pt", "cpu", categoricals=k)
     assert loaded.action_dim == 6
     for section in ("rssm", "vae", "heads"):
         assert getattr(loaded.config, section) == getattr(c, section)
@@ -261,7 +262,7 @@ def test_wrong_action_count(saved: Path, tmp_path: Path) -> None:
         load_rssm_checkpoint(saved, "cpu", action_dim=A + 2)
     torch.save(RSSMWorldModel(small_config(), A).state_dict(), tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match="wrong action count for the dataset"):
-        load_rssm_checkpoint(tmp_path / "bare.pt", "cpu", action_dim=A - 1)
+        load_rssm_checkpoint(tmp_path / "bare.pt", "cpu", action_dim=A - 1, classes=32)
 
 
 class _Evil:
@@ -292,7 +293,7 @@ def test_missing_key_and_wrong_shape(tmp_path: Path) -> None:
     missing = {k: v for k, v in sd.items() if k != "decoder.deconvs.0.weight"}
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match=r"missing keys: decoder\.deconvs\.0\.weight"):
-        load_rssm_checkpoint(tmp_path / "missing.pt", "cpu")
+        load_rssm_checkpoint(tmp_path / "missing.pt", "cpu", categoricals=32)
     no_gru = {k: v for k, v in sd.items() if k != "gru.weight_hh"}
     torch.save(no_gru, tmp_path / "no_gru.pt")
     with pytest.raises(CheckpointError, match=r"missing key 'gru\.weight_hh'"):
@@ -300,7 +301,7 @@ def test_missing_key_and_wrong_shape(tmp_path: Path) -> None:
     shaped = {**sd, "prior.1.weight": torch.ones(33), "extra.bias": torch.zeros(2)}
     torch.save(shaped, tmp_path / "shape.pt")
     with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.bias") as info:
-        load_rssm_checkpoint(tmp_path / "shape.pt", "cpu")
+        load_rssm_checkpoint(tmp_path / "shape.pt", "cpu", categoricals=32, classes=32)
     message = str(info.value)
     assert "prior.1.weight: file (33,) vs model (32,)" in message
     assert "inferred: deter=32, hidden=32" in message

@@ -142,18 +142,20 @@ def test_keyboard_interrupt_saves_last_completed_step(split, tmp_path, monkeypat
 
     monkeypatch.setattr(model, "loss", interrupt)
     path = tmp_path / "ctrl_c.pt"
-    history = fit(
-        model,
-        *split,
-        steps=10,
-        config=dataclasses.replace(config.train, eval_every=100),
-        device="cpu",
-        checkpoint_path=path,
-        progress=False,
-        log_every=1,
-    )
-    assert read_checkpoint(path, "cpu")["step"] == 3
-    assert [r["step"] for r in history.train] == [1, 2, 3]
+    with pytest.raises(KeyboardInterrupt):  # re-raised once saved, so queued work stops
+        fit(
+            model,
+            *split,
+            steps=10,
+            config=dataclasses.replace(config.train, eval_every=100),
+            device="cpu",
+            checkpoint_path=path,
+            progress=False,
+            log_every=1,
+        )
+    payload = read_checkpoint(path, "cpu")
+    assert payload["step"] == 3 and payload["total_steps"] == 10
+    assert [r["step"] for r in payload["history"]["train"]] == [1, 2, 3]
 
 
 def test_mismatches_fail_before_training(split):
