@@ -4,10 +4,17 @@ Protocol (DESIGN.md, "Evaluation protocol"): the same fixed held-out windows of
 ``C + H`` steps for every model; each model sees the ``C`` real context frames and
 actions, imagines ``H`` frames open-loop with the real future actions, and every
 imagined frame is scored against the real one with PSNR (MAX = 1 on [0, 1] frames).
-Next to each model: its own reconstruction ceiling (encode -> decode of the true future
-frames; the whole window is reconstructed, with its actions for a model whose
-``reconstruct`` takes them, such as the RSSM, and steps C+1..C+H are scored) and the
-copy-last-frame baseline (the last context frame repeated).
+Rollouts take the argmax latent at every step (``mode="mode"``: deterministic, the
+dynamics alone) or sample them (``"sample"``: what imagination for an agent does).
+
+Next to each model, its reconstruction ceiling of the same kind: encode -> decode of the
+true future frames with the posterior's argmax for argmax rollouts, with a posterior
+sample for sampled ones (the whole window is reconstructed, with its actions, and steps
+C+1..C+H are scored), and the posterior's mean entropy per categorical, which says how
+much a sample can differ from the argmax. Beside them, trivial predictors from the
+context alone (:func:`baseline_predictions`): a model that does not beat them has
+learned no useful dynamics. :func:`action_sensitivity` tells whether a model uses its
+actions at all.
 
 Intervals are 95% normal-approximation half-widths over windows,
 ``1.96 * std / sqrt(n)`` (sample std, ``ddof=1``); windows are treated as independent
@@ -19,7 +26,6 @@ Glossary: B batch, T time, C context, H horizon, S image side.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,15 +113,48 @@ class StepStats:
         return {"mean": self.mean.tolist(), "half_width": self.half_width.tolist(), "n": self.n}
 
 
+MODES = ("mode", "sample")
+"""Rollout modes of Section 4: argmax latents (the headline) and sampled latents."""
+
+BASELINES = ("copy-last", "linear extrapolation", "context mean")
+"""The trivial predictors of :func:`baseline_predictions`, in table order."""
+
+
+def baseline_predictions(obs: Tensor, context: int, horizon: int) -> dict[str, Tensor]:
+    """Trivial predictions of frames C+1..C+H from the C context frames alone.
+
+    * ``copy-last``: the last context frame, unchanged (nothing moves);
+    * ``linear extrapolation``: each pixel keeps its last change, ``o_C + k (o_C - o_{C-1})``
+      clamped to [0, 1] (naive motion; needs C >= 2);
+    * ``context mean``: the mean of the C context frames (where things have been).
+
+    Shapes:
+        obs: ``[B, >= C, 3, S, S]``; every prediction ``[B, H, 3, S, S]``.
+    """
+    last = obs[:, context - 1 : context]
+    shape = (obs.shape[0], horizon, *obs.shape[2:])
+    out = {"copy-last": last.expand(shape)}
+    if context >= 2:
+        k = torch.arange(1, horizon + 1, dtype=obs.dtype, device=obs.device).view(1, -1, 1, 1, 1)
+        out["linear extrapolation"] = (last + k * (last - obs[:, context - 2 : context - 1])).clamp(
+            0.0, 1.0
+        )
+    out["context mean"] = obs[:, :context].mean(1, keepdim=True).expand(shape)
+    return out
+
+
 @dataclass
 class RolloutPSNR:
     """Result of :func:`rollout_psnr`: PSNR per imagined step for models and baselines."""
 
     models: dict[str, StepStats]
     ceilings: dict[str, StepStats]
-    """Per model: PSNR of encode -> decode of the true future frames (same windows)."""
-    copy_last: StepStats
-    """The last context frame repeated, scored against each future frame."""
+    """Per model: PSNR of encode -> decode of the true future frames (same windows), with
+    the posterior's argmax in mode ``"mode"`` and a posterior sample in ``"sample"``."""
+    baselines: dict[str, StepStats]
+    """Trivial predictors (:data:`BASELINES`), scored like the models."""
+    entropy: dict[str, float]
+    """Per model: mean entropy of the posterior per categorical, nats (max ln V)."""
     context: int
     horizon: int
     seed: int
@@ -126,11 +165,21 @@ class RolloutPSNR:
         """``[H]`` the step numbers 1..H."""
         return np.arange(1, self.horizon + 1)
 
+    @property
+    def copy_last(self) -> StepStats:
+        """The last context frame repeated (the baseline every model must beat)."""
+        return self.baselines["copy-last"]
+
+    @property
+    def ceiling_kind(self) -> str:
+        """What the ceilings decode: ``"argmax"`` or ``"posterior sample"``."""
+        return "argmax" if self.mode == "mode" else "posterior sample"
+
     def rows(self) -> dict[str, StepStats]:
-        """Every scored row in table order: models, ceilings, copy-last."""
+        """Every scored row in table order: models, ceilings, baselines."""
         out = dict(self.models)
         out.update({f"{name} ceiling": s for name, s in self.ceilings.items()})
-        out["copy-last"] = self.copy_last
+        out.update(self.baselines)
         return out
 
     def table(self, steps: Sequence[int] = (1, 3, 5, 10)) -> str:
@@ -139,14 +188,18 @@ class RolloutPSNR:
         rows = self.rows()
         width = max(len(name) for name in rows) + 2
         head = "".join(f"{'step ' + str(k):>16}" for k in shown)
+        latents = "argmax latents" if self.mode == "mode" else "sampled latents"
         lines = [
             f"PSNR in dB, mean ± 95% half-width over {self.copy_last.n} windows "
-            f"(context {self.context}, mode {self.mode!r})",
+            f"(context {self.context}, {latents}; ceilings decode the {self.ceiling_kind})",
             f"{'':<{width}}{head}",
         ]
         for name, s in rows.items():
             cells = "".join(f"{s.mean[k - 1]:>9.2f} ± {s.half_width[k - 1]:<4.2f}" for k in shown)
             lines.append(f"{name:<{width}}{cells}")
+        if self.entropy:
+            values = ", ".join(f"{k} {v:.2f}" for k, v in self.entropy.items())
+            lines.append(f"posterior entropy per categorical (nats): {values}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +211,8 @@ class RolloutPSNR:
             "mode": self.mode,
             "models": {k: v.to_dict() for k, v in self.models.items()},
             "ceilings": {k: v.to_dict() for k, v in self.ceilings.items()},
-            "copy_last": self.copy_last.to_dict(),
+            "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
+            "entropy": dict(self.entropy),
         }
 
 
@@ -217,11 +271,18 @@ def _evaluating(model: Any, seed: int, device: torch.device) -> Iterator[None]:
                 model.train()
 
 
-def _reconstruct(model: WorldModel, obs: Tensor, action: Tensor) -> Tensor:
-    """``model.reconstruct`` clamped to [0, 1], given the actions if it takes them (RSSM)."""
-    if "action" in inspect.signature(model.reconstruct).parameters:
-        return model.reconstruct(obs, action=action).clamp(0.0, 1.0)  # type: ignore[call-arg]
-    return model.reconstruct(obs).clamp(0.0, 1.0)
+def _reconstruct(model: WorldModel, obs: Tensor, action: Tensor, mode: str = "mode") -> Tensor:
+    """``model.reconstruct`` with the argmax or a sample of the posterior, clamped to [0, 1]."""
+    return model.reconstruct(obs, action, mode=mode).clamp(0.0, 1.0)  # type: ignore[arg-type]
+
+
+def _entropy(model: WorldModel, obs: Tensor, action: Tensor) -> Tensor | None:
+    """``[B, T]`` mean entropy per categorical of the posterior, in nats (None for a model
+    without ``posterior_log_probs``)."""
+    if not hasattr(model, "posterior_log_probs"):
+        return None
+    log_probs = model.posterior_log_probs(obs, action)
+    return -(log_probs.exp() * log_probs).sum(-1).mean(-1)
 
 
 def _imagine(model: WorldModel, chunk: Batch, context: int, horizon: int, mode: str) -> Tensor:
@@ -236,6 +297,21 @@ def _imagine(model: WorldModel, chunk: Batch, context: int, horizon: int, mode: 
     if out.shape != want:
         raise ValueError(f"imagine returned {tuple(out.shape)}, expected {tuple(want)}")
     return out.clamp(0.0, 1.0)
+
+
+def _imagine_seeded(
+    model: WorldModel,
+    chunk: Batch,
+    context: int,
+    horizon: int,
+    mode: str,
+    seed: int,
+    device: torch.device,
+) -> Tensor:
+    """:func:`_imagine` with the global RNG (CPU and ``device``) seeded to ``seed``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _imagine(model, chunk, context, horizon, mode)
 
 
 def rollout_psnr(
@@ -257,7 +333,9 @@ def rollout_psnr(
     Each model runs in eval mode under ``torch.inference_mode()`` with the global RNG
     reseeded to ``seed`` (in a forked RNG state, so the caller's state is untouched):
     the sampling noise is reproducible and the same for every model. Predictions are
-    clamped to [0, 1] before scoring (decoders are unbounded).
+    clamped to [0, 1] before scoring (decoders are unbounded). Each model's ceiling
+    decodes its posterior the way the rollout decodes its prior (argmax or sample), from
+    the same frames.
 
     Args:
         models: name -> world model.
@@ -268,7 +346,8 @@ def rollout_psnr(
         count: windows drawn from ``data``.
         seed: fixes the windows and the sampling noise.
         batch_size: windows per forward pass.
-        mode: ``"sample"`` or ``"mode"``, passed to ``imagine``.
+        mode: ``"mode"`` (argmax latents) or ``"sample"``, passed to ``imagine`` and to
+            the ceiling's ``reconstruct``.
         device: where windows go; default each model's own device.
         progress: show a tqdm bar.
         cap: PSNR of a perfect frame.
@@ -289,10 +368,11 @@ def rollout_psnr(
         )
     scores: dict[str, StepStats] = {}
     ceilings: dict[str, StepStats] = {}
+    entropy: dict[str, float] = {}
     with torch.inference_mode():
         for name, model in models.items():
             dev = _model_device(model, device)
-            rows, ceil = [], []
+            rows, ceil, ent = [], [], []
             with _evaluating(model, seed, dev):
                 chunks = windows.chunks(batch_size)
                 for chunk in tqdm(chunks, desc=f"rollout PSNR {name}", disable=not progress):
@@ -300,14 +380,99 @@ def rollout_psnr(
                     target = chunk.obs[:, context : context + horizon]
                     pred = _imagine(model, chunk, context, horizon, mode)
                     rows.append(psnr(pred, target, cap=cap).cpu().numpy())
-                    recon = _reconstruct(model, chunk.obs, chunk.action)[:, context:]
+                    recon = _reconstruct(model, chunk.obs, chunk.action, mode)[:, context:]
                     ceil.append(psnr(recon, target, cap=cap).cpu().numpy())
+                    ent.append(_entropy(model, chunk.obs, chunk.action))
             scores[name] = StepStats.from_values(np.concatenate(rows))
             ceilings[name] = StepStats.from_values(np.concatenate(ceil))
+            if all(e is not None for e in ent):
+                entropy[name] = float(torch.cat(ent).mean())  # type: ignore[arg-type]
         target = windows.obs[:, context : context + horizon]
-        last = windows.obs[:, context - 1 : context].expand_as(target)
-        copy_last = StepStats.from_values(psnr(last, target, cap=cap).numpy())
-    return RolloutPSNR(scores, ceilings, copy_last, context, horizon, seed, mode)
+        baselines = {
+            name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
+            for name, pred in baseline_predictions(windows.obs, context, horizon).items()
+        }
+    return RolloutPSNR(scores, ceilings, baselines, entropy, context, horizon, seed, mode)
+
+
+@dataclass
+class ActionSensitivity:
+    """Result of :func:`action_sensitivity` for one model (all ``[n, H]`` stats)."""
+
+    real: StepStats
+    """PSNR against the truth of rollouts under the real future actions."""
+    shuffled: StepStats
+    """The same, under the future actions of another window."""
+    between: StepStats
+    """PSNR between the two rollouts: ``cap`` where they are identical (actions ignored)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).to_dict() for k in ("real", "shuffled", "between")}
+
+
+def shuffled_partners(count: int, seed: int) -> Tensor:
+    """A seeded permutation of ``range(count)`` with no fixed point (each window takes
+    another window's actions), ``[count]`` int64; the identity when ``count < 2``."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+def action_sensitivity(
+    models: Mapping[str, WorldModel],
+    data: Data,
+    *,
+    context: int = 8,
+    horizon: int = 10,
+    count: int = 256,
+    seed: int = 1234,
+    batch_size: int = 64,
+    mode: ImagineMode = "mode",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    cap: float = 100.0,
+) -> dict[str, ActionSensitivity]:
+    """Does a model use its actions? The same rollouts under the real future actions and
+    under the future actions of another window (:func:`shuffled_partners`).
+
+    A model that ignores actions gives the same frames either way (``between`` at
+    ``cap``) and scores no better with the real actions. Frame C+1 follows the last
+    context action, which is kept, so the two rollouts can only differ from step 2 on.
+    Same windows, RNG handling and arguments as :func:`rollout_psnr`.
+
+    Returns:
+        ``{name: ActionSensitivity}``.
+    """
+    windows = _windows(data, context + horizon, count, seed)
+    partner = shuffled_partners(len(windows), seed)
+    future = slice(context, context + horizon - 1)
+    shuffled = Batch(
+        windows.obs, windows.action.clone(), windows.reward, windows.cont
+    )  # only the future actions change
+    shuffled.action[:, future] = windows.action[partner, future]
+    out: dict[str, ActionSensitivity] = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            dev = _model_device(model, device)
+            real, other, between = [], [], []
+            with _evaluating(model, seed, dev):
+                chunks = windows.chunks(batch_size), shuffled.chunks(batch_size)
+                pairs = list(zip(*chunks, strict=True))
+                for i, (a, b) in enumerate(tqdm(pairs, desc=name, disable=not progress)):
+                    a, b = a.to(dev), b.to(dev)
+                    target = a.obs[:, context : context + horizon]
+                    pa, pb = (  # with the same sampling noise for both rollouts
+                        _imagine_seeded(model, x, context, horizon, mode, seed + i, dev)
+                        for x in (a, b)
+                    )
+                    real.append(psnr(pa, target, cap=cap).cpu().numpy())
+                    other.append(psnr(pb, target, cap=cap).cpu().numpy())
+                    between.append(psnr(pb, pa, cap=cap).cpu().numpy())
+            out[name] = ActionSensitivity(
+                *(StepStats.from_values(np.concatenate(v)) for v in (real, other, between))
+            )
+    return out
 
 
 def reconstruction_psnr(

@@ -50,30 +50,73 @@ def _off(ax: Any) -> None:
     ax.set_yticks([])
 
 
-def plot_psnr_vs_horizon(result: RolloutPSNR, *, title: str | None = None) -> Figure:
-    """PSNR (dB) per imagined step: models (solid), their reconstruction ceilings
-    (dashed, same colour) and the copy-last-frame baseline (grey), with 95% bands."""
-    fig, axes = _figure(size=(8.0, 4.0))
-    ax = axes[0, 0]
-    steps = result.steps
+_BASELINE_STYLE = {
+    "copy-last": dict(color="0.35", ls=":"),
+    "linear extrapolation": dict(color="0.55", ls="-."),
+    "context mean": dict(color="0.7", ls=(0, (1, 3))),
+}
 
-    def draw(stats: Any, label: str, **style: Any) -> None:
-        line = ax.plot(steps, stats.mean, marker="o", markersize=3, label=label, **style)[0]
-        hw = np.nan_to_num(stats.half_width)
-        ax.fill_between(steps, stats.mean - hw, stats.mean + hw, color=line.get_color(), alpha=0.15)
 
-    for i, (name, stats) in enumerate(result.models.items()):
-        color = f"C{i}"
-        draw(stats, name, color=color)
-        if name in result.ceilings:
-            draw(result.ceilings[name], f"{name} ceiling (recon.)", color=color, ls="--")
-    draw(result.copy_last, "copy last frame", color="0.4", ls=":")
-    ax.set_xlabel("imagined step k (frame C+k)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_xticks(steps)
-    ax.set_title(title or f"PSNR vs horizon (context {result.context}, n={result.copy_last.n})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+def plot_psnr_vs_horizon(
+    results: RolloutPSNR | Mapping[str, RolloutPSNR], *, title: str | None = None
+) -> Figure:
+    """PSNR (dB) per imagined step, one panel per mode (argmax, sampled) on a shared
+    y-axis: models (solid), their ceilings of the same kind (dashed, same colour) and the
+    trivial baselines (grey), with 95% bands."""
+    panels = {results.mode: results} if isinstance(results, RolloutPSNR) else dict(results)
+    fig, axes = _figure(1, len(panels), size=(5.2 * len(panels) + 2.2, 4.0))
+    for ax, result in zip(axes[0], panels.values(), strict=True):
+        steps = result.steps
+
+        def draw(stats: Any, label: str, ax: Any = ax, steps: Any = steps, **style: Any) -> None:
+            line = ax.plot(steps, stats.mean, marker="o", markersize=3, label=label, **style)[0]
+            hw = np.nan_to_num(stats.half_width)
+            ax.fill_between(steps, stats.mean - hw, stats.mean + hw, color=line.get_color(),
+                            alpha=0.15)  # fmt: skip
+
+        for i, (name, stats) in enumerate(result.models.items()):
+            draw(stats, name, color=f"C{i}")
+            if name in result.ceilings:
+                draw(result.ceilings[name], f"{name} ceiling", color=f"C{i}", ls="--")
+        for name, stats in result.baselines.items():
+            draw(stats, name, **_BASELINE_STYLE.get(name, dict(color="0.5", ls=":")))
+        latents = "argmax latents" if result.mode == "mode" else "sampled latents"
+        ax.set_title(f"{latents}; ceilings decode the {result.ceiling_kind}", fontsize=9)
+        ax.set_xlabel("imagined step k (frame C+k)")
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("PSNR (dB)")
+    low = min(a.get_ylim()[0] for a in axes[0])
+    high = max(a.get_ylim()[1] for a in axes[0])
+    for ax in axes[0]:
+        ax.set_ylim(low, high)
+    first = next(iter(panels.values()))
+    fig.suptitle(
+        title or f"PSNR vs horizon (context {first.context}, n={first.copy_last.n})", fontsize=10
+    )
+    axes[0, -1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def plot_action_sensitivity(sensitivity: Mapping[str, Any]) -> Figure:
+    """Does each model use its actions? Left: PSNR against the truth of the same rollouts
+    under the real future actions (solid) and under another window's (dashed). Right:
+    PSNR between the two rollouts (high = the actions change little; 100 = identical)."""
+    fig, axes = _figure(1, 2, size=(11.0, 3.6))
+    for i, (name, s) in enumerate(sensitivity.items()):
+        steps = np.arange(1, len(s.real.mean) + 1)
+        axes[0, 0].plot(steps, s.real.mean, marker="o", ms=3, color=f"C{i}", label=f"{name} real")
+        axes[0, 0].plot(steps, s.shuffled.mean, marker="o", ms=3, color=f"C{i}", ls="--",
+                        label=f"{name} shuffled")  # fmt: skip
+        axes[0, 1].plot(steps[1:], s.between.mean[1:], marker="o", ms=3, color=f"C{i}", label=name)
+    axes[0, 0].set_title("PSNR vs truth: real vs shuffled future actions", fontsize=9)
+    axes[0, 1].set_title("PSNR between the two rollouts (from step 2)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xlabel("imagined step k")
+        ax.set_ylabel("PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -437,6 +480,7 @@ def plot_sliding_window(result: SlidingWindowLoss | Mapping[int, float]) -> Figu
 
 __all__ = [
     "animation_html",
+    "plot_action_sensitivity",
     "plot_attention",
     "plot_causal_mask",
     "plot_psnr_vs_horizon",

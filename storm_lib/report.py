@@ -13,18 +13,64 @@ from typing import Any
 import numpy as np
 
 from .diagnostics import QUADRATIC_SLOPE, loglog_slope
-from .evaluate import RolloutPSNR
+from .evaluate import ActionSensitivity, RolloutPSNR
+
+HEADLINE_MODE = "mode"
+"""Section 4's headline: argmax rollouts, deterministic, so they measure the dynamics alone
+(a sampled rollout can be a plausible future and still score below the blurrier mean)."""
+
+
+def headline(results: RolloutPSNR | Mapping[str, RolloutPSNR]) -> RolloutPSNR:
+    """The argmax result of ``{mode: RolloutPSNR}`` (or the one result given)."""
+    if isinstance(results, RolloutPSNR):
+        return results
+    return results.get(HEADLINE_MODE) or next(iter(results.values()))
 
 
 def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
     mean, base = result.models[name].mean, result.copy_last.mean
     steps = np.arange(1, result.horizon + 1)
     wins = steps[(steps >= from_step) & (mean > base)]
+    margin = mean - base
     if len(wins) == int((steps >= from_step).sum()):
-        return f"beats copy-last at every step from {from_step} to {result.horizon}"
+        least = float(margin[steps >= from_step].min())
+        return (
+            f"beats copy-last at every step from {from_step} to {result.horizon} "
+            f"(by {margin[0]:+.1f} dB at step 1 and at least {least:.1f} dB from step {from_step})"
+        )
     if len(wins) == 0:
         return f"does not beat copy-last at any step from {from_step} on"
     return f"beats copy-last at steps {', '.join(map(str, wins))} only"
+
+
+def gap_decomposition(results: Mapping[str, RolloutPSNR], name: str) -> str:
+    """Where a model's step-1 shortfall comes from, from its argmax and sampled results:
+    the dynamics (argmax ceiling - argmax rollout), sampling the prior (argmax rollout -
+    sampled rollout) and sampling the posterior (argmax ceiling - sample ceiling)."""
+    top, low = results["mode"], results["sample"]
+    ceil_a, ceil_s = top.ceilings[name].mean[0], low.ceilings[name].mean[0]
+    roll_a, roll_s = top.models[name].mean[0], low.models[name].mean[0]
+    entropy = top.entropy.get(name)
+    ent = f", posterior entropy {entropy:.2f} nats per categorical" if entropy is not None else ""
+    return (
+        f"{name}: at step 1 its argmax rollout is {ceil_a - roll_a:.1f} dB under its argmax "
+        f"ceiling ({roll_a:.1f} vs {ceil_a:.1f} dB: the dynamics); sampling the prior moves it "
+        f"by {roll_s - roll_a:+.1f} dB and sampling the posterior moves the ceiling by "
+        f"{ceil_s - ceil_a:+.1f} dB ({ceil_s:.1f} dB{ent})."
+    )
+
+
+def _uses_actions(sens: Mapping[str, ActionSensitivity], a: str, b: str) -> str:
+    parts = []
+    for name in (a, b):
+        s = sens[name]
+        gain = float(s.real.mean[-1] - s.shuffled.mean[-1])
+        apart = float(s.between.mean[-1])
+        parts.append(
+            f"{name}'s real-action rollouts score {gain:+.1f} dB against shuffled-action ones "
+            f"at the last step, where the two rollouts are {apart:.1f} dB apart"
+        )
+    return "Under the future actions of another window, " + "; ".join(parts) + "."
 
 
 def _gap_at_last_step(result: RolloutPSNR, a: str, b: str) -> str:
@@ -41,38 +87,54 @@ def _gap_at_last_step(result: RolloutPSNR, a: str, b: str) -> str:
 
 
 def comparison_paragraph(
-    result: RolloutPSNR,
+    results: RolloutPSNR | Mapping[str, RolloutPSNR],
     histories: Mapping[str, Any],
     timings: Mapping[str, Mapping[str, Any]],
     sequence_timings: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     fvd: Mapping[str, float] | None = None,
+    sensitivity: Mapping[str, ActionSensitivity] | None = None,
     names: tuple[str, str] = ("STORM", "RSSM"),
 ) -> str:
     """A paragraph comparing the two architectures from measured results.
 
     Args:
-        result: :func:`storm_lib.evaluate.rollout_psnr` for both models.
+        results: :func:`storm_lib.evaluate.rollout_psnr` for both models, one result or
+            ``{mode: result}`` with the argmax (``"mode"``, the headline) and sampled runs.
         histories: ``{name: History}`` of training (an empty history is allowed for a
             loaded P03 checkpoint without one).
         timings: ``{name: step_time_vs_length(...)}`` for both backbones.
         sequence_timings: the same with ``part="sequence"`` (the sequence model alone).
         fvd: ``{name: FVD}`` on the same windows, if measured.
+        sensitivity: :func:`storm_lib.evaluate.action_sensitivity` for both models.
         names: the transformer model's name, then the RSSM's.
     """
     a, b = names
+    result = headline(results)
     last = result.horizon
     pa, pb = result.models[a].mean, result.models[b].mean
+    ha, hb = result.models[a].half_width, result.models[b].half_width
     cl = result.copy_last.mean
+    latents = "argmax" if result.mode == "mode" else "sampled"
     parts = [
-        f"On {result.copy_last.n} held-out windows, {a}'s imagined frames score "
-        f"{pa[0]:.1f} dB at step 1 and {pa[-1]:.1f} dB at step {last} "
-        f"(ceiling {result.ceilings[a].mean.mean():.1f} dB); {b}'s score {pb[0]:.1f} and "
-        f"{pb[-1]:.1f} dB (ceiling {result.ceilings[b].mean.mean():.1f} dB); copying the last "
-        f"context frame gives {cl[0]:.1f} and {cl[-1]:.1f} dB.",
+        f"On {result.copy_last.n} held-out windows with {latents} latents, {a}'s imagined "
+        f"frames score {pa[0]:.1f} ± {ha[0]:.1f} dB at step 1 and {pa[-1]:.1f} ± {ha[-1]:.1f} "
+        f"dB at step {last} (ceiling {result.ceilings[a].mean.mean():.1f} dB); {b}'s score "
+        f"{pb[0]:.1f} ± {hb[0]:.1f} and {pb[-1]:.1f} ± {hb[-1]:.1f} dB (ceiling "
+        f"{result.ceilings[b].mean.mean():.1f} dB); copying the last context frame gives "
+        f"{cl[0]:.1f} and {cl[-1]:.1f} dB.",
         f"{a} {_beats_copy_last(result, a)}, and {b} {_beats_copy_last(result, b)}; "
         f"{_gap_at_last_step(result, a, b)}.",
     ]
+    if not isinstance(results, RolloutPSNR) and {"mode", "sample"} <= set(results):
+        sampled = results["sample"]
+        sa, sb = sampled.models[a].mean, sampled.models[b].mean
+        parts.append(
+            f"With sampled latents they score {sa[0]:.1f} and {sa[-1]:.1f} dB ({a}) and "
+            f"{sb[0]:.1f} and {sb[-1]:.1f} dB ({b}); {_gap_at_last_step(sampled, a, b)}."
+        )
+    if sensitivity:
+        parts.append(_uses_actions(sensitivity, a, b))
     if fvd:
         lower = min(fvd, key=fvd.get)
         parts.append(

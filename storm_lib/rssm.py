@@ -336,16 +336,25 @@ class RSSMWorldModel(nn.Module):
                 cont=torch.sigmoid(self.cont_head(feat)),
             )
 
-    def reconstruct(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
-        """Filter with the posterior (argmax samples) and decode: ``[B, T, 3, S, S]`` in [0, 1].
+    def reconstruct(
+        self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"
+    ) -> Tensor:
+        """Filter with the posterior (argmax latents, or samples with ``mode="sample"``) and
+        decode ``(h_t, z_t)``: ``[B, T, 3, S, S]`` in [0, 1].
 
         A recurrent model needs the actions; without them action 0 (NOOP in ALE) is
         assumed at every step. Eval mode, no gradients.
         """
         action = action if action is not None else obs.new_zeros(obs.shape[:2], dtype=torch.long)
         with evaluating(self):
-            post, _ = self._observe(self.embed(obs), action, None, "mode")
+            post, _ = self._observe(self.embed(obs), action, None, mode)
             return self.decode(post.feat).clamp(0.0, 1.0)
+
+    def posterior_log_probs(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        """``q(z_t | h_t, o_t)`` as log-probabilities (argmax filtering): ``[B, T, K, V]``."""
+        action = action if action is not None else obs.new_zeros(obs.shape[:2], dtype=torch.long)
+        with evaluating(self):
+            return self._observe(self.embed(obs), action, None, "mode")[0].logits
 
     def predict_one_step(
         self, obs: Tensor, action: Tensor, *, mode: ImagineMode = "mode"

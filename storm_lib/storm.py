@@ -205,10 +205,19 @@ class STORMWorldModel(nn.Module):
         return total, {k: v.detach() for k, v in metrics.items()}
 
     # ---------------------------------------------------------------------- inference
-    def reconstruct(self, obs: Tensor) -> Tensor:
-        """Encode -> posterior mode -> decode, clamped: ``[B, T, 3, S, S] -> same``."""
+    def reconstruct(
+        self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"
+    ) -> Tensor:
+        """Encode -> posterior argmax (``mode="mode"``) or sample (``"sample"``) -> decode,
+        clamped: ``[B, T, 3, S, S] -> same``. STORM's decoder sees ``z`` alone, so the
+        actions are not needed (the argument keeps one signature for both models)."""
         with evaluating(self):
-            return self.decode(self.vae.sample(self.encode(obs), "mode")).clamp(0.0, 1.0)
+            return self.decode(self.vae.sample(self.encode(obs), mode)).clamp(0.0, 1.0)
+
+    def posterior_log_probs(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        """``q(z_t | o_t)`` as log-probabilities: ``[B, T, 3, S, S] -> [B, T, K, V]``."""
+        with evaluating(self):
+            return self.encode(obs)
 
     def imagine(
         self,

@@ -86,8 +86,11 @@ class WorldModel(Protocol):
         """Scalar training loss and float metrics (``loss/total``, ``loss/rec``, ...)."""
         ...
 
-    def reconstruct(self, obs: Tensor) -> Tensor:
-        """Encode then decode: ``[B, T, 3, 64, 64] -> [B, T, 3, 64, 64]``."""
+    def reconstruct(
+        self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"
+    ) -> Tensor:
+        """Encode then decode with the posterior's argmax (``"mode"``) or a sample:
+        ``[B, T, 3, 64, 64] -> [B, T, 3, 64, 64]``; ``action [B, T]`` for recurrent models."""
         ...
 
     def imagine(

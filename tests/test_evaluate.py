@@ -20,7 +20,15 @@ from storm_lib.diagnostics import (
     sliding_window_token_loss,
     teacher_forcing_gap,
 )
-from storm_lib.evaluate import psnr, reconstruction_psnr, rollout_psnr
+from storm_lib.evaluate import (
+    BASELINES,
+    action_sensitivity,
+    baseline_predictions,
+    psnr,
+    reconstruction_psnr,
+    rollout_psnr,
+    shuffled_partners,
+)
 from storm_lib.types import Batch, Rollout
 
 DELTA = 0.01
@@ -74,7 +82,7 @@ class Oracle(nn.Module):
         obs = self._spoil(context_obs[:, -1:] + shifts)
         return Rollout(obs=obs, reward=torch.zeros(acts.shape), cont=torch.ones(acts.shape))
 
-    def reconstruct(self, obs: Tensor) -> Tensor:
+    def reconstruct(self, obs: Tensor, action: Tensor | None = None, *, mode="mode") -> Tensor:
         return obs + self.offset
 
     def predict_one_step(self, obs: Tensor, action: Tensor, *, mode: str = "mode") -> Tensor:
@@ -100,7 +108,7 @@ class CopyLast(Oracle):
 class NeedsActions(Oracle):
     """Like the RSSM: reconstruct() needs the actions."""
 
-    def reconstruct(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+    def reconstruct(self, obs: Tensor, action: Tensor | None = None, *, mode="mode") -> Tensor:
         if action is None or action.shape != obs.shape[:2]:
             raise AssertionError("reconstruct called without matching actions")
         return obs
@@ -230,7 +238,7 @@ def test_ceiling_reconstructs_with_actions_and_table() -> None:
     assert "step 12" not in result.table(steps=(1, 12))
     restored = json.loads(json.dumps(result.to_dict()))
     assert restored["models"]["rssm-like"]["n"] == 3
-    assert len(restored["copy_last"]["mean"]) == 10
+    assert len(restored["baselines"]["copy-last"]["mean"]) == 10
 
 
 def test_teacher_forcing_gap_of_copy_last_is_known() -> None:
@@ -326,3 +334,87 @@ def test_real_models_smoke() -> None:
         "storm", config, 3, lengths=(4, 8), batch_size=1, repeats=1, warmup=0, progress=False
     )
     assert len(timing["ms_per_step"]) == 2 and min(timing["ms_per_step"]) > 0
+
+
+# ------------------------------------------- the protocol: modes, ceilings, baselines, actions
+class Recorder(Oracle):
+    """Records the frames and the mode of every ``reconstruct`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, Tensor]] = []
+
+    def reconstruct(self, obs: Tensor, action: Tensor | None = None, *, mode="mode") -> Tensor:
+        self.calls.append((mode, obs.clone()))
+        return obs
+
+
+def test_sample_and_argmax_ceilings_are_computed_on_the_same_frames() -> None:
+    model = Recorder()
+    for mode in ("mode", "sample"):
+        result = rollout_psnr({"m": model}, FakeData(), count=6, batch_size=4, mode=mode,
+                              progress=False)  # fmt: skip
+        assert result.ceiling_kind == ("argmax" if mode == "mode" else "posterior sample")
+    modes = [m for m, _ in model.calls]
+    assert modes == ["mode", "mode", "sample", "sample"]  # each mode decodes its own kind
+    for (_, a), (_, b) in zip(model.calls[:2], model.calls[2:], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["storm", "rssm"])
+def test_argmax_rollouts_are_deterministic(kind: str) -> None:
+    from storm_lib import build_world_model, get_profile
+
+    torch.manual_seed(0)
+    model = build_world_model(kind, get_profile("smoke"), 3, "cpu")
+    clips = make_clips(2, 6, 0)
+    obs = torch.rand(2, 6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # a different global RNG: argmax rollouts must not care
+        runs.append(model.imagine(obs[:, :4], clips.action[:, :4], clips.action[:, 4:],
+                                  mode="mode").obs)  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(1)
+    sampled = model.imagine(obs[:, :4], clips.action[:, :4], clips.action[:, 4:]).obs
+    assert not torch.equal(sampled, runs[0])  # sampling does draw
+
+
+def test_baselines_on_windows_whose_answer_is_known() -> None:
+    c, h = 4, 3
+    ramp = 0.1 + 0.05 * torch.arange(c + h, dtype=torch.float32)  # brightness grows linearly
+    obs = ramp.view(1, -1, 1, 1, 1).expand(2, -1, 3, SIZE, SIZE)
+    preds = baseline_predictions(obs, c, h)
+    assert list(preds) == list(BASELINES)
+    truth = obs[:, c:]
+    assert torch.allclose(preds["linear extrapolation"], truth)  # constant motion: exact
+    assert torch.equal(preds["copy-last"], obs[:, c - 1 : c].expand_as(truth))
+    assert torch.allclose(preds["context mean"], torch.full_like(truth, 0.1 + 0.05 * 1.5))
+    step = psnr(preds["copy-last"], truth)[0]  # misses by 0.05 k: 26.02 - 20 log10 k
+    np.testing.assert_allclose(step.numpy(), -20 * np.log10(0.05 * np.arange(1, h + 1)))
+    static = make_clips(3, 18, 0, actions="static")
+    result = rollout_psnr({"o": Oracle()}, static, progress=False)
+    for name in BASELINES:  # nothing moves: every trivial predictor is perfect
+        np.testing.assert_array_equal(result.baselines[name].mean, np.full(10, 100.0))
+    assert "linear extrapolation" not in baseline_predictions(obs, 1, h)  # needs two frames
+
+
+def test_shuffled_partners_never_keep_their_own_actions() -> None:
+    for n in (2, 3, 17, 256):
+        partner = shuffled_partners(n, seed=5)
+        assert sorted(partner.tolist()) == list(range(n))
+        assert not (partner == torch.arange(n)).any()
+    assert torch.equal(shuffled_partners(9, 1), shuffled_partners(9, 1))
+
+
+def test_action_sensitivity_tells_a_model_that_uses_actions_from_one_that_does_not() -> None:
+    out = action_sensitivity({"oracle": Oracle(), "copy": CopyLast()}, FakeData(), count=32,
+                             batch_size=8, progress=False)  # fmt: skip
+    oracle, copy = out["oracle"], out["copy"]
+    np.testing.assert_array_equal(copy.between.mean, np.full(10, 100.0))  # ignores actions
+    np.testing.assert_array_equal(copy.real.mean, copy.shuffled.mean)
+    np.testing.assert_array_equal(oracle.real.mean, np.full(10, 100.0))  # right actions: exact
+    assert oracle.between.mean[0] == 100.0  # step 1 follows the kept last context action
+    assert np.all(oracle.between.mean[1:] < 100)  # other actions, other frames
+    assert np.all(oracle.shuffled.mean[1:] < oracle.real.mean[1:] - 30)
+    assert json.loads(json.dumps(oracle.to_dict()))["between"]["n"] == 32

@@ -266,7 +266,7 @@ def test_prior_comparison_table_plot_and_cli() -> None:
     stats = StepStats.from_values(np.full((4, 3), 20.0) + np.arange(4)[:, None])
     names = ("MLP prior", "MaskGIT prior")
     per_model = dict.fromkeys(names, stats)
-    result = RolloutPSNR(per_model, per_model, stats, 8, 3, 0, "sample")
+    result = RolloutPSNR(per_model, per_model, {"copy-last": stats}, {}, 8, 3, 0, "sample")
     keys = ("perplexity", "token_nll", "val_token_nll", "ms_train_step",
             "ms_train_step_history", "ms_rollout", "steps", "params_prior")  # fmt: skip
     metrics = {n: dict.fromkeys(keys, float(i + 1)) for i, n in enumerate(names)}

@@ -45,20 +45,34 @@ def _check(fig: Figure) -> None:
     fig.savefig(io.BytesIO(), format="png")  # renders every artist
 
 
-def test_psnr_vs_horizon() -> None:
-    result = RolloutPSNR(
+def _result(mode: str) -> RolloutPSNR:
+    return RolloutPSNR(
         models={"STORM": _stats(30), "RSSM": _stats(28)},
         ceilings={"STORM": _stats(33), "RSSM": _stats(32)},
-        copy_last=_stats(25),
+        baselines={"copy-last": _stats(25), "context mean": _stats(20)},
+        entropy={"STORM": 0.5},
         context=8,
         horizon=H,
         seed=0,
-        mode="sample",
+        mode=mode,
     )
-    fig = plots.plot_psnr_vs_horizon(result)
+
+
+def test_psnr_vs_horizon() -> None:
+    fig = plots.plot_psnr_vs_horizon({"mode": _result("mode"), "sample": _result("sample")})
     _check(fig)
-    labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert {"STORM", "RSSM ceiling (recon.)", "copy last frame"} <= set(labels)
+    assert len(fig.axes) == 2 and fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+    assert "argmax" in fig.axes[0].get_title() and "posterior sample" in fig.axes[1].get_title()
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    assert {"STORM", "RSSM ceiling", "copy-last", "context mean"} <= set(labels)
+    _check(plots.plot_psnr_vs_horizon(_result("mode")))  # one mode, one panel
+
+
+def test_action_sensitivity() -> None:
+    sens = SimpleNamespace(real=_stats(30), shuffled=_stats(28), between=_stats(35))
+    fig = plots.plot_action_sensitivity({"STORM": sens, "RSSM": sens})
+    _check(fig)
+    assert len(fig.axes[0].lines) == 4 and len(fig.axes[1].lines) == 2
 
 
 def test_history_figures() -> None:

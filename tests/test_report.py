@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from storm_lib.evaluate import RolloutPSNR, StepStats
-from storm_lib.report import comparison_paragraph
+from storm_lib.evaluate import ActionSensitivity, RolloutPSNR, StepStats
+from storm_lib.report import comparison_paragraph, gap_decomposition
 from storm_lib.train import History
 
 
@@ -16,7 +18,8 @@ def result(storm_db: float, rssm_db: float, spread: float = 0.0) -> RolloutPSNR:
     return RolloutPSNR(
         models={"STORM": row(storm_db), "RSSM": row(rssm_db)},
         ceilings={"STORM": row(40.0), "RSSM": row(40.0)},
-        copy_last=row(28.0),
+        baselines={"copy-last": row(28.0)},
+        entropy={},
         context=8,
         horizon=10,
         seed=0,
@@ -62,3 +65,27 @@ def test_overlapping_intervals_are_not_called_a_lead():
     assert "overlap within their 95% intervals (STORM ahead by 0.2 dB)" in text
     text = comparison_paragraph(result(24.5, 24.3), {}, timing)
     assert "at step 10 STORM is ahead by 0.2 dB" in text
+
+
+def test_both_modes_gap_decomposition_and_actions_follow_the_numbers():
+    top = dataclasses.replace(result(30.0, 26.0), mode="mode")
+    low = result(29.0, 25.5)  # sampled: 1 dB and 0.5 dB lower
+    low.ceilings["STORM"] = StepStats.from_values(np.full((4, 10), 39.5))
+    top.entropy["STORM"] = 0.52
+    text = gap_decomposition({"mode": top, "sample": low}, "STORM")
+    assert "10.0 dB under its argmax ceiling (30.0 vs 40.0 dB" in text
+    assert "sampling the prior moves it by -1.0 dB" in text
+    assert "moves the ceiling by -0.5 dB (39.5 dB, posterior entropy 0.52 nats" in text
+    flat = StepStats.from_values(np.full((4, 10), 25.0))
+    sens = {
+        "STORM": ActionSensitivity(real=flat, shuffled=flat, between=flat),
+        "RSSM": ActionSensitivity(
+            real=flat, shuffled=StepStats.from_values(np.full((4, 10), 23.0)), between=flat
+        ),
+    }
+    timing = {"STORM": timings(1.0), "RSSM": timings(1.0)}
+    para = comparison_paragraph({"sample": low, "mode": top}, {}, timing, sensitivity=sens)
+    assert para.startswith("On 4 held-out windows with argmax latents, STORM's imagined frames")
+    assert "With sampled latents they score 29.0 and 24.5 dB (STORM)" in para
+    assert "STORM's real-action rollouts score +0.0 dB" in para
+    assert "RSSM's real-action rollouts score +2.0 dB" in para
