@@ -159,7 +159,14 @@ class TrainConfig:
     seq_len: int = 64
     """T: steps per window (paper: 64). Keep >= context + horizon of evaluation."""
     lr: float = 1e-4
-    """Adam learning rate (paper: 1e-4)."""
+    """Adam learning rate (paper: 1e-4); the peak of ``lr_schedule``."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none; paper: none)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warm-up over the rest of the run: ``constant`` keeps ``lr`` (paper);
+    ``cosine`` and ``linear`` end at ``lr * final_lr_fraction`` at the last step."""
+    final_lr_fraction: float = 0.1
+    """The decayed lr at the last step, as a share of ``lr`` (``cosine``/``linear`` only)."""
     grad_clip: float = 1000.0
     """Max global gradient norm (paper: 1000)."""
     eval_every: int = 500

@@ -203,6 +203,30 @@ def make_optimizer(
     return torch.optim.Adam(params, lr=config.lr)
 
 
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate of gradient step ``step`` (0-based) of a ``total_steps`` run.
+
+    Linear warm-up over ``config.warmup_steps`` steps (step 0 uses ``lr / warmup``), then
+    ``config.lr_schedule`` from ``lr`` down to ``lr * final_lr_fraction`` at the last
+    step. A function of the step alone, so a resumed run follows the same schedule.
+    """
+    if config.lr_schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr_schedule must be constant, cosine or linear: {config.lr_schedule!r}")
+    warmup = max(0, config.warmup_steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+    shape = (
+        0.5 * (1.0 + math.cos(math.pi * progress))
+        if config.lr_schedule == "cosine"
+        else 1.0 - progress
+    )
+    low = config.final_lr_fraction
+    return config.lr * (low + (1.0 - low) * shape)
+
+
 def _first_non_finite(metrics: dict[str, Any]) -> str:
     for name, value in metrics.items():
         if not math.isfinite(float(value)):
@@ -226,12 +250,13 @@ def fit(
 ) -> History:
     """Train ``model`` for ``steps`` gradient steps in total; return the History.
 
-    Adam with ``config.lr`` and global-norm clipping at ``config.grad_clip`` (paper:
-    1e-4 and 1000), bf16 autocast on CUDA only, validation on ``config.val_batches``
-    fixed windows of ``val_data`` every ``config.eval_every`` steps and at the end, a
-    checkpoint every ``config.checkpoint_every`` steps and at the end. With
-    ``config.compile`` the training loss runs through ``torch.compile`` (validation stays
-    eager); compilation time counts as training time.
+    Adam with ``config.lr`` (warm-up and decay by :func:`lr_at`, over ``steps``) and
+    global-norm clipping at ``config.grad_clip`` (paper: 1e-4, constant, and 1000), bf16
+    autocast on CUDA only, validation on ``config.val_batches`` fixed windows of
+    ``val_data`` every ``config.eval_every`` steps and at the end, a checkpoint every
+    ``config.checkpoint_every`` steps and at the end. With ``config.compile`` the training
+    loss runs through ``torch.compile`` (validation stays eager); compilation time counts
+    as training time.
 
     Args:
         model: any :class:`WorldModel` that is an ``nn.Module``.
@@ -364,6 +389,9 @@ def _fit_locked(
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    lr = lr_at(step, steps, config)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         model.parameters(),
                         config.grad_clip,  # type: ignore[attr-defined]
@@ -378,7 +406,7 @@ def _fit_locked(
                 clock += time.perf_counter() - start
                 if step % log_every == 0 or step == steps:
                     record = {k: float(v) for k, v in metrics.items()}
-                    record.update(step=step, time=clock, grad_norm=float(grad_norm))
+                    record.update(step=step, time=clock, grad_norm=float(grad_norm), lr=lr)
                     history.train.append(record)
                     bar.set_postfix(
                         loss=f"{record['loss/total']:.1f}",

@@ -202,3 +202,21 @@ def test_compile_switch_is_off_by_default() -> None:
     assert all(not get_profile(p).train.compile for p in ("smoke", "cpu", "gpu", "paper"))
     config = get_profile("smoke")
     assert config.from_dict({"train": {"steps": 3}}).train.compile is False  # old checkpoints
+
+
+def test_lr_schedule_warms_up_decays_and_depends_on_the_step_alone() -> None:
+    from storm_lib.train import lr_at
+
+    config = dataclasses.replace(
+        get_profile("smoke").train, lr=1e-3, warmup_steps=4, lr_schedule="cosine",
+        final_lr_fraction=0.1,
+    )  # fmt: skip
+    lrs = [lr_at(s, 14, config) for s in range(14)]
+    np.testing.assert_allclose(lrs[:4], [2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
+    linear = dataclasses.replace(config, lr_schedule="linear", warmup_steps=0)
+    assert lr_at(5, 11, linear) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(7, 11, get_profile("smoke").train) == get_profile("smoke").train.lr  # paper
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_at(0, 10, dataclasses.replace(config, lr_schedule="step"))
