@@ -1,4 +1,4 @@
-"""Command line: ``python -m storm_lib collect | train | evaluate | compare-priors``.
+"""Command line: ``python -m storm_lib collect | train | evaluate | import-data | compare-priors``.
 
 Examples::
 
@@ -7,6 +7,9 @@ Examples::
     python -m storm_lib train --model rssm --profile cpu    # checkpoints/rssm_cpu.pt
     python -m storm_lib evaluate --storm checkpoints/storm_cpu.pt --rssm their_p03.pt \\
         --data data/boxing_30000_seed0.npz --out figures/
+    python -m storm_lib evaluate --storm checkpoints/storm_cpu.pt --rssm their_p03.pt \\
+        --rssm-code their_p03_model.py:load --data data/p03.npz     # runs their code
+    python -m storm_lib import-data their_replay.npz --env ALE/Boxing-v5 --out data/p03.npz
     python -m storm_lib compare-priors --profile cpu --data data/boxing_30000_seed0.npz \\
         --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
 
@@ -105,7 +108,23 @@ def _evaluate(args: argparse.Namespace) -> None:
         fvd=args.fvd,
         allow_partial=args.allow_partial,
         rssm_latent=args.rssm_latent,
+        rssm_code=args.rssm_code,
     )
+
+
+def _import_data(args: argparse.Namespace) -> None:
+    from .importing import import_data
+
+    meanings = args.action_meanings.split(",") if args.action_meanings else None
+    out = import_data(
+        args.src, args.out, env_id=args.env, image_size=args.image_size,
+        action_dim=args.action_dim, action_meanings=meanings, overwrite=args.force,
+    )  # fmt: skip
+    from .data import TrajectoryData
+
+    data = TrajectoryData.load(out)
+    print(f"wrote {out}: {data}, {data.action_dim} actions, {data.image_size}px frames")
+    print(f"  {data.meta['imported_from']['frames']}; {data.meta['imported_from']['convention']}")
 
 
 def _compare_priors(args: argparse.Namespace) -> None:
@@ -177,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[common], help="PSNR against horizon for STORM and/or the RSSM"
     )
     p.add_argument("--storm", help="STORM checkpoint")
-    p.add_argument("--rssm", help="RSSM / P03 checkpoint (only read)")
+    p.add_argument("--rssm", help="RSSM / P03 checkpoint, or the weights for --rssm-code (read)")
+    p.add_argument(
+        "--rssm-code", metavar="FILE.py:FUNC",
+        help="a student's own model: FUNC(weights, device) in FILE.py builds it from the "
+        "--rssm weights. THIS RUNS THEIR CODE (the weights are still loaded weights_only)",
+    )  # fmt: skip
     p.add_argument(
         "--rssm-latent", type=_latent, metavar="KxV",
         help="categoricals x classes of a bare P03 state dict, e.g. 32x32",
@@ -190,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile for the evaluation settings")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "import-data", parents=[common], help="convert a P03 dataset (.npz) into this format"
+    )
+    p.add_argument("src", help=".npz with obs/image, action(s), reward(s), done/is_first/...")
+    p.add_argument("--out", required=True, help="the new data file, e.g. data/p03.npz")
+    p.add_argument("--env", required=True, help="the game it was recorded on, e.g. ALE/Boxing-v5")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="frame side (default 64)")
+    p.add_argument("--action-dim", type=_positive_int, help="A, if the actions do not show it")
+    p.add_argument("--action-meanings", help="comma-separated action names, e.g. NOOP,FIRE,...")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.set_defaults(func=_import_data)
 
     p = sub.add_parser(
         "compare-priors",
@@ -218,15 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     """
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .outside import OutsideModelError
     from .train import TrainingError
 
     args = build_parser().parse_args(argv)
+    readable = (CheckpointError, DataError, OutsideModelError, TrainingError, ValueError, OSError)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, DataError, TrainingError, ValueError, OSError) as exc:
+    except readable as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

@@ -64,7 +64,11 @@ def safe_torch_load(path: str | Path, device: torch.device | str | None = None) 
     except Exception as exc:  # torch raises many types for bad files; all mean "unusable"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it contains Python objects that a weights-only load refuses (possible code)"
+            reason = (
+                "it contains Python objects that a weights-only load refuses (possible code). "
+                "A pickled whole model cannot be read safely: save its weights with "
+                "torch.save(model.state_dict(), path) instead"
+            )
         raise CheckpointError(f"{path}: not a readable checkpoint: {reason[:300]}") from None
 
 

@@ -150,7 +150,8 @@ class RolloutPSNR:
     models: dict[str, StepStats]
     ceilings: dict[str, StepStats]
     """Per model: PSNR of encode -> decode of the true future frames (same windows), with
-    the posterior's argmax in mode ``"mode"`` and a posterior sample in ``"sample"``."""
+    the posterior's argmax in mode ``"mode"`` and a posterior sample in ``"sample"``.
+    Absent for a model without ``reconstruct``."""
     baselines: dict[str, StepStats]
     """Trivial predictors (:data:`BASELINES`), scored like the models."""
     entropy: dict[str, float]
@@ -380,11 +381,13 @@ def rollout_psnr(
                     target = chunk.obs[:, context : context + horizon]
                     pred = _imagine(model, chunk, context, horizon, mode)
                     rows.append(psnr(pred, target, cap=cap).cpu().numpy())
-                    recon = _reconstruct(model, chunk.obs, chunk.action, mode)[:, context:]
-                    ceil.append(psnr(recon, target, cap=cap).cpu().numpy())
+                    if callable(getattr(model, "reconstruct", None)):  # optional (outside models)
+                        recon = _reconstruct(model, chunk.obs, chunk.action, mode)[:, context:]
+                        ceil.append(psnr(recon, target, cap=cap).cpu().numpy())
                     ent.append(_entropy(model, chunk.obs, chunk.action))
             scores[name] = StepStats.from_values(np.concatenate(rows))
-            ceilings[name] = StepStats.from_values(np.concatenate(ceil))
+            if ceil:
+                ceilings[name] = StepStats.from_values(np.concatenate(ceil))
             if all(e is not None for e in ent):
                 entropy[name] = float(torch.cat(ent).mean())  # type: ignore[arg-type]
         target = windows.obs[:, context : context + horizon]
@@ -408,6 +411,12 @@ class ActionSensitivity:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k).to_dict() for k in ("real", "shuffled", "between")}
+
+
+def ignores_actions(sensitivity: ActionSensitivity, cap: float = 100.0) -> bool:
+    """True when the rollouts under real and shuffled actions are identical at every step:
+    the model returns the same frames whatever the actions are."""
+    return bool(np.all(sensitivity.between.values[:, 1:] >= cap))
 
 
 def shuffled_partners(count: int, seed: int) -> Tensor:

@@ -74,7 +74,8 @@ def _unwrap_state_dict(raw: Any, source: str) -> dict[str, Tensor]:
     for _ in range(3):
         if not isinstance(raw, dict):
             break
-        inner = [raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)]
+        nests = ("state_dict", "model", "agent_state_dict")  # the last: dreamerv3-torch's
+        inner = [raw[k] for k in nests if isinstance(raw.get(k), dict)]
         if not inner:
             break
         raw = inner[0]
@@ -135,7 +136,9 @@ def _infer_config(
             found = ", ".join(sorted(sd)[:8])
             raise CheckpointError(
                 f"{source}: cannot infer the RSSM sizes: missing key {key!r} "
-                f"({dims}-d tensor); the file has keys like: {found}"
+                f"({dims}-d tensor); the file has keys like: {found}. If this is a student's "
+                "own model with its own module names, score it with their code instead: "
+                "--rssm-code p03_model.py:load (README, 'Instructors')"
             )
         return tuple(sd[key].shape)
 

@@ -244,6 +244,7 @@ def evaluate_checkpoints(
     fvd: bool = False,
     allow_partial: bool = False,
     rssm_latent: tuple[int, int] | None = None,
+    rssm_code: str | None = None,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
@@ -257,10 +258,14 @@ def evaluate_checkpoints(
     ``out/action_sensitivity.png``. With ``fvd``, also the FVD of each model's clips
     on the profile's ``eval.fvd_count`` windows (skipped with a sentence when the I3D
     weights are not installed). ``rssm_latent`` is ``(K, V)`` for a bare P03 state dict,
-    whose shapes only give K * V. Returns ``{"mode": ..., "sample": ...}`` of
-    ``RolloutPSNR.to_dict()``, ``"actions"`` (and ``"fvd"``).
+    whose shapes only give K * V. With ``rssm_code`` (``path/to/p03_model.py:load``)
+    the RSSM is the student's own model, built by their code from the ``rssm`` weights
+    (:func:`storm_lib.outside.load_outside_model`; **their code runs**).
+
+    Returns ``{"mode": ..., "sample": ...}`` of ``RolloutPSNR.to_dict()``, ``"actions"``
+    (and ``"fvd"``).
     """
-    from .evaluate import MODES, action_sensitivity, rollout_psnr
+    from .evaluate import MODES, action_sensitivity, ignores_actions, rollout_psnr
     from .plots import plot_action_sensitivity, plot_psnr_vs_horizon
     from .report import gap_decomposition
 
@@ -277,7 +282,15 @@ def evaluate_checkpoints(
         models["STORM"] = load_checkpoint(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
-    if rssm is not None:
+    if rssm is not None and rssm_code is not None:
+        from .outside import load_outside_model
+
+        models["RSSM"] = load_outside_model(
+            rssm_code, rssm, device, action_dim=all_data.action_dim,
+            image_size=all_data.image_size,
+        )  # fmt: skip
+        print(f"Loaded the student's model with {rssm_code} from {rssm} (their code ran).")
+    elif rssm is not None:
         models["RSSM"], _ = load_p03(
             rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
         )
@@ -293,6 +306,8 @@ def evaluate_checkpoints(
         print(gap_decomposition(results, name))
     sensitivity = action_sensitivity(models, val_data, **protocol)
     for name, sens in sensitivity.items():
+        if ignores_actions(sens):
+            print(f"warning: {name} returns the same frames whatever the actions are")
         gains = sens.real.mean - sens.shuffled.mean
         print(
             f"{name}: real minus shuffled future actions {gains[-1]:+.2f} dB at step "
