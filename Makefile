@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make notebook   execute p04_transformer_backbone.ipynb in place (the main job)
 #   make test       lint + the test suite (what CI runs)
+# and one opens the notebook to work in it:
+#   make lab        Jupyter Lab on the notebook, with the project's environment as its kernel
 # Each creates and fills the virtualenv $(VENV) when missing.
 
 VENV    ?= .venv
@@ -14,7 +16,7 @@ NOTEBOOK := p04_transformer_backbone.ipynb
 HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.2,torch==2.13.0)
 
-.PHONY: notebook test collect lint format bench clean-venv
+.PHONY: notebook lab test collect lint format bench clean-venv
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,17 +26,25 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.server: $(VENV)/.runtime requirements-notebook.txt
+	$(PIP) install --quiet -r requirements-notebook.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.server requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 
 # Progress bars are text (tqdm), not widgets, whose saved output would read "0%" forever;
 # CoalesceStreamsPreprocessor keeps only each bar's final line in the saved notebook.
-notebook: $(VENV)/.runtime
+notebook: $(VENV)/.server
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=-1 \
 	    --NotebookExporter.preprocessors='["nbconvert.preprocessors.CoalesceStreamsPreprocessor"]' \
 	    $(NOTEBOOK)
+
+# The venv's own Jupyter: its default "python3" kernel is the venv's Python.
+lab: $(VENV)/.server
+	$(PY) -m jupyter lab $(NOTEBOOK)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -31,7 +31,7 @@ from .config import Config
 from .data import TrajectoryData
 from .diagnostics import token_perplexity
 from .evaluate import RolloutPSNR, rollout_psnr
-from .train import History
+from .train import History, TrainStep
 from .types import Batch, WorldModel
 from .utils import default_device
 from .workflow import train_or_load
@@ -87,15 +87,11 @@ class PriorComparison:
 def _ms_train_step(model: Any, batch: Batch, config: Config, repeats: int) -> float:
     """Median ms of one training step on a copy of ``model`` (the original is untouched)."""
     twin = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(twin.parameters(), lr=config.train.lr)
+    step = TrainStep(twin, config.train, batch.obs.device)  # fit()'s own step
     times = []
     for i in range(repeats + 1):  # the first step warms up
         start = time.perf_counter()
-        loss, _ = twin.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(twin.parameters(), config.train.grad_clip)
-        opt.step()
+        step(twin.loss, batch)
         if batch.obs.device.type == "cuda":
             torch.cuda.synchronize(batch.obs.device)
         if i:

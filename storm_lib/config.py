@@ -177,6 +177,9 @@ class TrainConfig:
     """Periodic checkpoint interval in steps (0: only the final one)."""
     seed: int = 0
     """Seed of initialisation and batch sampling."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast policy of ``fit()``: ``auto`` = bf16 on CUDA compute capability >= 8.0,
+    fp16 with a GradScaler below it (T4, V100), fp32 on CPU (``utils.autocast_dtype``)."""
     compile: bool = False
     """Run ``model.loss`` through ``torch.compile`` in ``fit()`` (needs a C++ compiler).
     Off: on the 2-core CPU it cost minutes of compilation for no gain (bench/README)."""
@@ -304,7 +307,7 @@ def _gpu() -> Config:
     c.transformer = TransformerConfig(width=128, layers=2, heads=4, max_length=64)
     c.rssm = RSSMConfig(deter=512, hidden=512)
     c.train = TrainConfig(steps=20_000, lr=3e-4, eval_every=500, checkpoint_every=2000)
-    c.eval = EvalConfig(count=512)
+    c.eval = EvalConfig(count=512, compare_priors=False)  # the appendix: COMPARE_PRIORS=1
     return c
 
 

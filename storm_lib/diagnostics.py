@@ -36,8 +36,9 @@ from .evaluate import (
     psnr,
 )
 from .models import build_world_model
+from .train import TrainStep
 from .types import Batch, ImagineMode, WorldModel
-from .utils import default_device
+from .utils import autocast, default_device
 
 QUADRATIC_SLOPE = 1.5
 """A log-log slope of time against length above this (closer to 2 than to 1) counts as
@@ -256,7 +257,8 @@ def step_time_vs_length(
 ) -> dict[str, Any]:
     """Median time of one step of a fresh ``kind`` model at each sequence length.
 
-    ``"train"``: loss + backward + gradient clipping + Adam step in train mode.
+    ``"train"``: the step of ``fit()`` (:class:`storm_lib.train.TrainStep`: autocast by
+    ``config.train.precision``, backward, clipping, fused Adam) in train mode.
     ``"infer"``: the loss forward in eval mode under ``no_grad``. Inputs are random
     frames and actions: timing does not depend on the values. The config is copied with
     ``transformer.max_length >= max(lengths)`` (the RSSM ignores it).
@@ -280,7 +282,7 @@ def step_time_vs_length(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         model = build_world_model(kind, cfg, action_dim, dev)  # type: ignore[arg-type]
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        step = TrainStep(model, cfg.train, dev)  # fit()'s own step: precision, fused Adam
         model.train(mode == "train")
         for length in tqdm(lengths, desc=f"step time {kind}", disable=not progress):
             data = Batch(
@@ -296,13 +298,9 @@ def step_time_vs_length(
                     torch.cuda.synchronize(dev)
                 start = time.perf_counter()
                 if mode == "train":
-                    loss, _ = run(data)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                    opt.step()
+                    step(run, data)
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast(dev, step.dtype):
                         run(data)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)

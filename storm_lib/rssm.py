@@ -151,10 +151,13 @@ class RSSMWorldModel(nn.Module):
                     f"one-hot actions need {self.action_dim} columns, got {action.shape}"
                 )
             return action
-        self._check_actions(action)
+        if action.dtype == torch.bool:
+            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
         return F.one_hot(action.long(), self.action_dim).float()
 
     def _check_actions(self, action: Tensor) -> None:
+        """dtype and range: one host sync, once per rollout or diagnostic call; ``loss``
+        skips it (fit() checks the data once)."""
         if action.is_floating_point() or action.dtype == torch.bool:
             raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
         if action.numel() and (int(action.min()) < 0 or int(action.max()) >= self.action_dim):
@@ -190,7 +193,12 @@ class RSSMWorldModel(nn.Module):
         return self.gru(x, state.deter)
 
     def img_step(
-        self, state: RSSMState, action: Tensor, *, mode: ImagineMode = "sample"
+        self,
+        state: RSSMState,
+        action: Tensor,
+        *,
+        mode: ImagineMode = "sample",
+        check: bool = True,
     ) -> RSSMState:
         """One prior step: ``h' = GRU(img_in([z, a]), h)``, ``z' ~ p(z' | h')``.
 
@@ -198,7 +206,10 @@ class RSSMWorldModel(nn.Module):
             state: the current state (``[B, ...]``).
             action: ``[B]`` int indices or ``[B, A]`` one-hot, taken in ``state``.
             mode: ``"sample"`` or ``"mode"`` (argmax of each categorical).
+            check: validate index actions (a host sync; ``imagine`` checks once instead).
         """
+        if check and not action.is_floating_point():
+            self._check_actions(action)
         deter = self._deter_step(state, self._one_hot(action))
         logits = self._dist(self.prior(deter))
         return RSSMState(deter, straight_through_sample(logits, mode), logits)
@@ -212,12 +223,21 @@ class RSSMWorldModel(nn.Module):
         return RSSMState(prior.deter, straight_through_sample(logits, mode), logits), prior
 
     def _observe(
-        self, embed: Tensor, action: Tensor, state: RSSMState | None, mode: ImagineMode
+        self,
+        embed: Tensor,
+        action: Tensor,
+        state: RSSMState | None,
+        mode: ImagineMode,
+        *,
+        check: bool = True,
     ) -> tuple[RSSMState, Tensor]:
-        """Posterior states ``[B, T, ...]`` and prior log-probs ``[B, T, K, V]`` (batched)."""
+        """Posterior states ``[B, T, ...]`` and prior log-probs ``[B, T, K, V]`` (batched).
+        ``check=False`` skips the action-range check (``loss``: fit() checks the data)."""
         b, t = embed.shape[:2]
         if action.shape != (b, t):
             raise ValueError(f"action must be [B, T] = {(b, t)}, got {tuple(action.shape)}")
+        if check and not action.is_floating_point():
+            self._check_actions(action)
         prev = self._one_hot(action)
         prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], 1)  # a_{t-1}; a_{-1} = 0
         state = state if state is not None else self.initial(b, embed.device)
@@ -277,10 +297,9 @@ class RSSMWorldModel(nn.Module):
         for name in ("action", "reward", "cont"):
             if tuple(getattr(batch, name).shape) != (b, t):
                 raise ValueError(f"batch.{name} must be [B, T] = {(b, t)}")
-        self._check_actions(action)
         frames = frames_channels_last(obs)  # [B*T, 3, S, S], the decoder's output layout
         embedded = self.encoder.features(frames).unflatten(0, (b, t))
-        post, prior_logits = self._observe(embedded, action, None, "sample")
+        post, prior_logits = self._observe(embedded, action, None, "sample", check=False)
         feat = post.feat
         rec = (self.decoder(feat.flatten(0, 1)) - frames).pow(2).sum((1, 2, 3)).mean()
         reward = self.reward_head.loss(self.reward_head(feat[:, 1:]), batch.reward[:, :-1])
@@ -327,7 +346,7 @@ class RSSMWorldModel(nn.Module):
             actions = torch.cat([context_actions[:, -1:], future_actions], 1)
             states = []
             for k in range(actions.shape[1]):
-                state = self.img_step(state, actions[:, k], mode=mode)
+                state = self.img_step(state, actions[:, k], mode=mode, check=False)
                 states.append(state)
             feat = _stack(states).feat
             return Rollout(

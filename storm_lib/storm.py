@@ -113,7 +113,10 @@ class STORMWorldModel(nn.Module):
         }
 
     # ----------------------------------------------------------------- building blocks
-    def _check(self, obs: Tensor, action: Tensor, *, what: str = "obs") -> None:
+    def _check(
+        self, obs: Tensor, action: Tensor, *, what: str = "obs", values: bool = True
+    ) -> None:
+        """Shapes and dtypes; and, with ``values``, the action range (a host sync)."""
         s = self.image_size
         if obs.dim() != 5 or obs.shape[2:] != (3, s, s):
             raise ValueError(f"{what} must be [B, T, 3, {s}, {s}], got {tuple(obs.shape)}")
@@ -121,12 +124,16 @@ class STORMWorldModel(nn.Module):
             raise ValueError(
                 f"actions must be [B, T] = {tuple(obs.shape[:2])}, got {tuple(action.shape)}"
             )
-        self._check_actions(action)
+        if action.is_floating_point():
+            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
+        if values:
+            self._check_actions(action)
 
     def _check_actions(self, action: Tensor) -> None:
         if action.is_floating_point():
             raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
-        # One host sync; an out-of-range index would otherwise be an opaque device assert.
+        # One host sync per call (rollouts, diagnostics); an out-of-range index would
+        # otherwise be an opaque device assert. ``loss`` skips it: fit() checks the data.
         if action.numel() and bool(((action < 0) | (action >= self.action_dim)).any()):
             raise ValueError(
                 f"actions must be in [0, {self.action_dim}) for this model (action_dim="
@@ -173,7 +180,7 @@ class STORMWorldModel(nn.Module):
             ``loss/reward``, ``loss/cont``, ``loss/dyn``, ``loss/rep``, ``kl/dyn_raw``,
             ``token_nll`` in nats per frame).
         """
-        self._check(batch.obs, batch.action)
+        self._check(batch.obs, batch.action, values=False)  # no per-step sync: fit checks data
         b, t = batch.action.shape
         self._check_length(t, "batch")
         if t < 2:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from .checkpoint import (
@@ -34,7 +35,7 @@ from .config import TrainConfig
 from .data import DataError, TrajectoryData
 from .files import exclusive_lock
 from .types import Batch, WorldModel
-from .utils import autocast, default_device, seed_everything
+from .utils import autocast, autocast_dtype, configure_device, default_device, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -148,6 +149,11 @@ def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> N
             f"the data has {data.action_dim} actions ({data.env_id}) "
             f"but the model was built for {model.action_dim}"
         )
+    if len(data) and int(data.action.max()) >= model.action_dim:  # once, not every step
+        raise TrainingError(
+            f"the data has action {int(data.action.max())}, outside the model's "
+            f"{model.action_dim} actions"
+        )
     size = model.config.data.image_size  # type: ignore[attr-defined]
     if data.image_size != size:
         raise TrainingError(f"the data has {data.image_size}px frames, the model expects {size}px")
@@ -159,9 +165,14 @@ def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> N
 
 @torch.no_grad()
 def validate(
-    model: WorldModel, batches: list[Batch], device: torch.device, seed: int = 0
+    model: WorldModel,
+    batches: list[Batch],
+    device: torch.device,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean metrics of ``model.loss`` over fixed ``batches`` in eval mode.
+    """Mean metrics of ``model.loss`` over fixed ``batches`` in eval mode, under the same
+    autocast ``dtype`` as training (None: fp32).
 
     The latent samples are drawn under a forked RNG seeded with ``seed``: validation is
     the same measurement every time, and it leaves the training RNG untouched (so a
@@ -175,7 +186,7 @@ def validate(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for batch in batches:
-                with autocast(device):
+                with autocast(device, dtype):
                     _, metrics = model.loss(batch.to(device))
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
@@ -201,6 +212,49 @@ def make_optimizer(
         except (RuntimeError, TypeError):  # fused Adam on CPU needs torch >= 2.4
             pass
     return torch.optim.Adam(params, lr=config.lr)
+
+
+class TrainStep:
+    """One training step exactly as :func:`fit` runs it, for ``fit`` and every timing.
+
+    Autocast by ``config.precision`` (``utils.autocast_dtype``), loss scaling when that
+    is fp16, the true (unscaled) gradients clipped at ``config.grad_clip``, then the
+    fused Adam of :func:`make_optimizer`. ``backward`` and ``update`` are apart so that
+    ``fit`` can undo an interrupted step before anything is applied; calling the object
+    does both at ``config.lr``.
+    """
+
+    def __init__(self, model: WorldModel, config: TrainConfig, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+        self.dtype = autocast_dtype(config.precision, device)
+        self.optimizer = make_optimizer(model, config, device)
+        # fp16 needs loss scaling (its range is small); for bf16 and fp32 this is a no-op.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def backward(
+        self, loss_fn: Callable[[Batch], tuple[Tensor, dict[str, Tensor]]], batch: Batch, lr: float
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Loss, gradients and clipping: ``(loss, metrics, grad_norm)``, nothing applied."""
+        with autocast(self.device, self.dtype):
+            loss, metrics = loss_fn(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        params = self.model.parameters()  # type: ignore[attr-defined]
+        return loss, metrics, torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+
+    def update(self) -> None:
+        """Apply the step (skipped by the scaler if fp16 gradients overflowed)."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def __call__(
+        self, loss_fn: Callable[[Batch], tuple[Tensor, dict[str, Tensor]]], batch: Batch
+    ) -> None:
+        self.backward(loss_fn, batch, self.config.lr)
+        self.update()
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -234,6 +288,26 @@ def _first_non_finite(metrics: dict[str, Any]) -> str:
     return "the total loss"
 
 
+def _check_finite(unchecked: list[tuple[int, Tensor, dict[str, Tensor]]]) -> None:
+    """Raise TrainingError naming the first step and term whose loss was not finite.
+
+    ``fit`` collects each step's loss without looking at it (a look would stall an
+    accelerator every step) and checks them together here, one host sync, every
+    ``log_every`` steps and before anything is validated or saved.
+    """
+    if not unchecked:
+        return
+    finite = torch.isfinite(torch.stack([loss for _, loss, _ in unchecked]))
+    if bool(finite.all()):
+        unchecked.clear()
+        return
+    step, _, metrics = unchecked[int((~finite).nonzero()[0, 0])]
+    raise TrainingError(
+        f"non-finite loss at step {step}: {_first_non_finite(metrics)}; no weights were "
+        "saved after it"
+    )
+
+
 def fit(
     model: WorldModel,
     train_data: TrajectoryData,
@@ -251,12 +325,18 @@ def fit(
     """Train ``model`` for ``steps`` gradient steps in total; return the History.
 
     Adam with ``config.lr`` (warm-up and decay by :func:`lr_at`, over ``steps``) and
-    global-norm clipping at ``config.grad_clip`` (paper: 1e-4, constant, and 1000), bf16
-    autocast on CUDA only, validation on ``config.val_batches`` fixed windows of
+    global-norm clipping at ``config.grad_clip`` (paper: 1e-4, constant, and 1000),
+    autocast by ``config.precision`` (``utils.autocast_dtype``; fp16 with a GradScaler),
+    validation on ``config.val_batches`` fixed windows of
     ``val_data`` every ``config.eval_every`` steps and at the end, a checkpoint every
     ``config.checkpoint_every`` steps and at the end. With ``config.compile`` the training
     loss runs through ``torch.compile`` (validation stays eager); compilation time counts
     as training time.
+
+    A step makes no host sync: actions are checked once per dataset, and the losses are
+    checked for NaN/inf together every ``log_every`` steps and before any validation or
+    save. So on a GPU the host samples (pinned, non-blocking) and enqueues the next batch
+    while the device still runs the last step.
 
     Args:
         model: any :class:`WorldModel` that is an ``nn.Module``.
@@ -330,7 +410,9 @@ def _fit_locked(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)  # type: ignore[attr-defined]
-    optimizer = make_optimizer(model, config, device)
+    configure_device(device)
+    trainer = TrainStep(model, config, device)
+    optimizer, scaler, dtype = trainer.optimizer, trainer.scaler, trainer.dtype
     history, step = History(), 0
     if resume and path is not None and path.exists():
         payload = read_checkpoint(path, device)
@@ -342,6 +424,8 @@ def _fit_locked(
         step, history = payload["step"], History.from_dict(payload["history"])
         if payload.get("train_state"):
             _set_rng_state(payload["train_state"], generator)
+            if payload["train_state"].get("scaler"):
+                scaler.load_state_dict(payload["train_state"]["scaler"])
 
     val_windows = val_data.eval_windows(config.val_batches * config.batch_size, config.seq_len, 0)
     val_batches = val_windows.chunks(config.batch_size)
@@ -355,7 +439,7 @@ def _fit_locked(
                 step=step,
                 total_steps=steps,
                 history=history.to_dict(),
-                train_state=_rng_state(generator),
+                train_state={**_rng_state(generator), "scaler": scaler.state_dict()},
                 data=train_data.fingerprint,
             )
 
@@ -373,38 +457,32 @@ def _fit_locked(
         desc=f"train {label}",
         dynamic_ncols=True,
     )  # type: ignore[attr-defined]
+    unchecked: list[tuple[int, Tensor, dict[str, Tensor]]] = []  # losses not yet looked at
     with _interrupt_between_steps() as interrupted:
         try:
             while step < steps:
                 start = time.perf_counter()
                 step_start = _StepStart.take(model, generator)
+                lr = lr_at(step, steps, config)
                 try:
                     batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
-                    with autocast(device):
-                        loss, metrics = loss_fn(batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss at step {step + 1}: {_first_non_finite(metrics)}; "
-                            "no weights were saved after it"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    lr = lr_at(step, steps, config)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        model.parameters(),
-                        config.grad_clip,  # type: ignore[attr-defined]
-                    )
+                    loss, metrics, grad_norm = trainer.backward(loss_fn, batch, lr)
                 except KeyboardInterrupt:
                     step_start.restore(model, generator)  # as if the step never began
                     raise
-                optimizer.step()  # the step is complete once this returns
+                trainer.update()  # the step is complete once this returns
                 step += 1
-                if device.type == "cuda" and step % log_every == 0:
+                unchecked.append((step, loss.detach(), metrics))
+                every = config.checkpoint_every
+                log_due = step % log_every == 0 or step == steps
+                eval_due = step % config.eval_every == 0 or step == steps
+                save_due = step == steps or bool(every and step % every == 0)
+                if log_due or eval_due or save_due:  # one host sync, not one per step
+                    _check_finite(unchecked)
+                if device.type == "cuda" and log_due:
                     torch.cuda.synchronize(device)
                 clock += time.perf_counter() - start
-                if step % log_every == 0 or step == steps:
+                if log_due:
                     record = {k: float(v) for k, v in metrics.items()}
                     record.update(step=step, time=clock, grad_norm=float(grad_norm), lr=lr)
                     history.train.append(record)
@@ -412,18 +490,18 @@ def _fit_locked(
                         loss=f"{record['loss/total']:.1f}",
                         tok=f"{record.get('token_nll', float('nan')):.1f}",
                     )
-                if step % config.eval_every == 0 or step == steps:
-                    record = validate(model, val_batches, device, config.seed)
+                if eval_due:
+                    record = validate(model, val_batches, device, config.seed, dtype)
                     record.update(step=step, time=clock)
                     history.val.append(record)
-                every = config.checkpoint_every
-                if step == steps or (every and step % every == 0):
+                if save_due:
                     checkpoint()
                 bar.update(1)
                 if interrupted() and step < steps:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
+            _check_finite(unchecked)  # never save weights that a non-finite loss touched
             checkpoint()
             where = f"saved to {path}; re-run to resume" if path else "not saved (no path)"
             print(f"Interrupted at step {step} of {steps} ({where}).", flush=True)

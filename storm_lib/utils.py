@@ -1,4 +1,4 @@
-"""Small helpers shared by every module: device choice, seeding, autocast."""
+"""Small helpers shared by every module: device choice, seeding, the precision policy."""
 
 from __future__ import annotations
 
@@ -42,14 +42,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA; a no-op elsewhere (bf16 did not pay on CPU here)."""
-    if device.type == "cuda":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the precision policy ``precision`` on ``device`` (None: fp32).
+
+    ``auto`` is bf16 on CUDA GPUs of compute capability 8.0 and newer (native bf16
+    kernels), fp16 below it (T4, V100: bf16 convolutions would miss cuDNN), and fp32 on
+    other devices (bf16 does not pay on CPUs without AMX). ``bf16``/``fp16``/``fp32``
+    force a choice on any device (CPU autocast included, for tests).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    fixed = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision in fixed:
+        return fixed[precision]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line for the notebook's first cell, e.g. ``auto -> fp16 autocast + GradScaler``."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        chosen = "fp32"
+    elif dtype == torch.float16:
+        chosen = "fp16 autocast + GradScaler"
     else:
+        chosen = "bf16 autocast"
+    where = device.type
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return f"precision {precision} -> {chosen} on {where}"
+
+
+def configure_device(device: torch.device) -> None:
+    """TF32 matmuls and cuDNN autotuning on Ampere and newer; our shapes are fixed, so the
+    autotuner's first-call search pays back. Global switches, set when training starts."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` to ``dtype`` on ``device``; a no-op for ``None`` (fp32)."""
+    if dtype is None:
         yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
 
 
 @contextlib.contextmanager

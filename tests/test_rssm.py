@@ -105,11 +105,13 @@ def test_imagine_horizon_determinism_and_mode(model: RSSMWorldModel) -> None:
         model.imagine(batch.obs, batch.action, future, mode="greedy")
 
 
-def test_loss_rejects_bad_actions(model: RSSMWorldModel) -> None:
+def test_rollouts_and_diagnostics_reject_bad_actions(model: RSSMWorldModel) -> None:
     batch = make_batch()
-    batch.action[0, 2] = A
+    batch.action[0, 2] = A  # loss() does not look (no per-step sync): fit() checks the data
     with pytest.raises(ValueError, match="wrong action count"):
-        model.loss(batch)
+        model.imagine(batch.obs[:, :3], batch.action[:, :3], batch.action[:, 3:])
+    with pytest.raises(ValueError, match="wrong action count"):
+        model.reconstruct(batch.obs, batch.action)
 
 
 def test_gradients_reach_every_part() -> None:
