@@ -42,9 +42,10 @@ notebook: $(VENV)/.server
 	    --NotebookExporter.preprocessors='["nbconvert.preprocessors.CoalesceStreamsPreprocessor"]' \
 	    $(NOTEBOOK)
 
-# The venv's own Jupyter: its default "python3" kernel is the venv's Python.
+# The venv's own Jupyter: its default "python3" kernel is the venv's Python. Containers
+# often run as root, where Jupyter refuses to start without --allow-root.
 lab: $(VENV)/.server
-	$(PY) -m jupyter lab $(NOTEBOOK)
+	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(NOTEBOOK)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
