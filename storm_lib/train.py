@@ -369,15 +369,15 @@ def fit(
     device = default_device(device)
     check_compatible(model, train_data, config.seq_len)
     path = None if checkpoint_path is None else Path(checkpoint_path)
-    if path is not None and path.exists():
+    if path is not None and path.exists() and not resume:  # resuming reads (and checks) it
+        if not overwrite:
+            raise CheckpointError(
+                f"{path}: already holds a checkpoint; resume it, or ask to overwrite it"
+            )
         if not is_own_checkpoint(path):
             raise CheckpointError(
                 f"{path}: exists and is not a storm_lib checkpoint; it is never overwritten. "
                 "Choose another checkpoint path."
-            )
-        if not (resume or overwrite):
-            raise CheckpointError(
-                f"{path}: already holds a checkpoint; resume it, or ask to overwrite it"
             )
     with contextlib.ExitStack() as stack:
         if path is not None:

@@ -13,7 +13,6 @@ import torch
 from .checkpoint import (
     CheckpointError,
     describe_checkpoint,
-    is_own_checkpoint,
     is_partial,
     load_checkpoint,
     read_checkpoint,
@@ -214,11 +213,12 @@ def _checked_payload(
 ) -> dict | None:
     """Read, describe and check one of our checkpoints before scoring it (None for a file
     in another format, e.g. a bare P03 state dict, which records nothing to check)."""
-    if not is_own_checkpoint(path):
+    try:
+        payload = read_checkpoint(path, "cpu")
+    except CheckpointError:  # not our format: the model's own loader says what is wrong
         if data is not None:
             print(f"note: {path}: a bare state dict records no training data to check.")
         return None
-    payload = read_checkpoint(path, "cpu")
     print(describe_checkpoint(payload, path))
     if is_partial(payload) and not allow_partial:
         raise CheckpointError(
