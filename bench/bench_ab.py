@@ -1,4 +1,5 @@
-"""Side-by-side timing of two ``storm_lib`` trees in one process, runs interleaved.
+"""Side-by-side timing of two ``storm_lib`` trees (or of the plain path against the
+speed-ups of one tree) in one process, runs interleaved.
 
 On a shared machine the load drifts by 2x within minutes, so two benchmark runs made
 at different times cannot be compared. This script imports the baseline tree under
@@ -9,6 +10,10 @@ ratio baseline/new.
     git worktree add /tmp/base <commit>
     PYTHONPATH=. python bench/bench_ab.py --baseline /tmp/base [--profile cpu] \\
         [--what storm rssm imagine] [--repeats 7]
+
+``--what speedups`` needs no baseline: it times this tree's plain operations
+(``storm_lib.models.speedups.plain()``) against its speed-ups, for both models' training
+steps and for imagination.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from types import ModuleType
 import torch
 
 import storm_lib
+from storm_lib.models import speedups
 
 ACTIONS = 18
 
@@ -86,7 +92,23 @@ def imagine(
     return lambda: fn(obs, act, future, use_cache=use_cache)
 
 
-def ab(name: str, fa: Callable[[], object], fb: Callable[[], object], repeats: int) -> None:
+def switched(on: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the speed-ups of ``storm_lib.models.speedups`` on or off."""
+
+    def run() -> object:
+        speedups.set_enabled(on)
+        try:
+            return fn()
+        finally:
+            speedups.set_enabled(True)
+
+    return run
+
+
+def ab(
+    name: str, fa: Callable[[], object], fb: Callable[[], object], repeats: int,
+    names: tuple[str, str] = ("baseline", "new"),
+) -> None:  # fmt: skip
     fa(), fb()  # warm-up
     ta: list[float] = []
     tb: list[float] = []
@@ -98,8 +120,9 @@ def ab(name: str, fa: Callable[[], object], fb: Callable[[], object], repeats: i
             times.append(time.perf_counter() - start)
     ma, mb = 1000 * statistics.median(ta), 1000 * statistics.median(tb)
     ratios = sorted(a / b for a, b in zip(ta, tb, strict=True))
+    a, b = names
     print(
-        f"  {name:<38} baseline {ma:8.1f} ms  new {mb:8.1f} ms  baseline/new {ma / mb:5.2f}x "
+        f"  {name:<38} {a} {ma:8.1f} ms  {b} {mb:8.1f} ms  {a}/{b} {ma / mb:5.2f}x "
         f"(per-pair ratios {ratios[0]:.2f}..{ratios[-1]:.2f})",
         flush=True,
     )
@@ -107,14 +130,28 @@ def ab(name: str, fa: Callable[[], object], fb: Callable[[], object], repeats: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="root of the baseline tree")
+    parser.add_argument("--baseline", help="root of the baseline tree (not for speedups)")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--what", nargs="+", default=["storm", "rssm", "imagine"])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; [{args.profile}]")
+    if args.what == ["speedups"]:
+        pair = ("plain", "speedups")
+        for kind in ("storm", "rssm"):
+            step = train_step(storm_lib, kind, args.profile)
+            ab(f"{kind} training step", switched(False, step), switched(True, step),
+               args.repeats, pair)  # fmt: skip
+        for latent in (True, False):
+            fn = imagine(storm_lib, args.profile, 16, True, latent)
+            label = "latent" if latent else "frames"
+            ab(f"imagine {label} H=16 cached", switched(False, fn), switched(True, fn),
+               args.repeats, pair)  # fmt: skip
+        return
+    if not args.baseline:
+        raise SystemExit("--baseline is required (except for --what speedups)")
     base = load_tree(args.baseline)
     print(f"baseline {args.baseline} vs new {Path(storm_lib.__file__).parent.parent}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; [{args.profile}]")
     for what in args.what:
         if what in ("storm", "rssm"):
             fa, fb = (train_step(lib, what, args.profile) for lib in (base, storm_lib))

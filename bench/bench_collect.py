@@ -1,4 +1,4 @@
-"""Throughput of ``storm_lib.collect.collect`` in agent (env) steps per second.
+"""Throughput of ``storm_lib.atari.collect`` in agent (env) steps per second.
 
 Usage: ``python bench/bench_collect.py [--steps N] [--env ALE/Boxing-v5]``. Includes the
 emulator, max-pooling, resizing and the compressed write; a short warm-up run first.
@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from storm_lib.collect import collect
+from storm_lib.atari import collect
 
 
 def main() -> None:

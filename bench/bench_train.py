@@ -14,7 +14,7 @@ runs after one warm-up run:
   without the KV cache, both for the latent rollout (``imagine_latent``: tokens, h,
   reward, cont; what policy learning uses) and with frames decoded (``imagine``), and
   the ratios uncached/cached and time(H=64)/time(H=16).
-* env steps/s of data collection (``storm_lib.collect``, emulator to compressed file).
+* env steps/s of data collection (``storm_lib.atari.collect``, emulator to compressed file).
 
 On a shared machine absolute times drift; compare trees with ``bench/bench_ab.py``,
 which interleaves the two in one process.
@@ -84,7 +84,7 @@ def storm_parts(model, batch: Batch) -> dict[str, Callable[[], None]]:
 
     def heads() -> None:
         h = h0.detach().requires_grad_()
-        prior = model.dynamics(h[:, :-1])
+        prior = model.prior(h[:, :-1])
         _backward(prior, model.reward_head(h), model.cont_head(h))
 
     return {"VAE": vae, "sequence": sequence, "heads": heads}
@@ -180,7 +180,7 @@ def imagination(profile: str, repeats: int) -> list[str]:
 
 
 def collect_rate(steps: int, repeats: int) -> str:
-    from storm_lib.collect import collect
+    from storm_lib.atari import collect
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = []

@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default="quality_study.md", help="rows appended as a table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-only", action="store_true", help="load --ckpt, skip training")
+    ap.add_argument(
+        "--eval-data", default=None,
+        help="score on windows of this whole file instead of --data's validation split "
+        "(episodes no run was trained on, e.g. another seed: runs on different data "
+        "files are then scored on the same windows)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = config.eval
     length = ev.context + ev.horizon
-    windows = val_data.eval_windows(args.count, length, ev.seed)
+    scored = TrajectoryData.load(args.eval_data) if args.eval_data else val_data
+    windows = scored.eval_windows(args.count, length, ev.seed)
     start = time.perf_counter()
     res = {
         m: rollout_psnr({"m": model}, windows, context=ev.context, horizon=ev.horizon,
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "val_token_nll_best": round(best["token_nll"], 2),
         "val_best_step": best["step"],
         "val_rec_final": round(final["loss/rec"], 1),
+        "data": args.data,
+        "eval_data": args.eval_data or f"{args.data} (validation split)",
         "ckpt": args.ckpt,
         "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }

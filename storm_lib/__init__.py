@@ -1,10 +1,14 @@
 """storm_lib: STORM (a transformer world model) and a DreamerV3-style RSSM, side by side.
 
-Public names::
+Public names (classes, then functions)::
 
-    from storm_lib import (get_profile, build_world_model, fit, save_checkpoint,
-                           load_checkpoint, load_rssm_checkpoint, CheckpointError,
-                           Batch, Rollout, psnr, TrajectoryData, collect)
+    from storm_lib import (Batch, CheckpointError, Config, DataError, History, Rollout,
+                           TrajectoryData, WorldModel,
+                           build_world_model, collect, fit, get_profile, load_checkpoint,
+                           load_rssm_checkpoint, psnr, rollout_psnr, save_checkpoint)
+
+The models are in ``storm_lib.models`` (``vae``, ``transformer``, ``heads``, ``maskgit``,
+``storm``, ``rssm``); ``python -m storm_lib --help`` lists the command line.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Any
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, get_profile
-from .models import build_world_model
-from .types import Batch, Rollout, WorldModel
+from .models import WorldModel, build_world_model
+from .types import Batch, Rollout
 
 __all__ = [
     "Batch",
@@ -39,7 +43,7 @@ __all__ = [
 _LAZY = {
     "DataError": "data",
     "TrajectoryData": "data",
-    "collect": "collect",
+    "collect": "atari",
     "History": "train",
     "fit": "train",
     "load_rssm_checkpoint": "p03",

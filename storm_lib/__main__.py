@@ -48,7 +48,7 @@ def _latent(text: str) -> tuple[int, int]:
 
 
 def _collect(args: argparse.Namespace) -> None:
-    from .collect import collect
+    from .atari import collect
     from .workflow import data_path
 
     config = get_profile(args.profile)

@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from .config import Config
 from .files import atomic_write
-from .models import model_class
-from .types import WorldModel
+from .models import WorldModel, model_class
 from .utils import default_device
 
 FORMAT = "storm_lib/1"
@@ -72,12 +71,29 @@ def safe_torch_load(path: str | Path, device: torch.device | str | None = None) 
         raise CheckpointError(f"{path}: not a readable checkpoint: {reason[:300]}") from None
 
 
+RENAMED = {"dynamics.": "prior."}
+"""Old name prefix -> new: STORM's prior head was the module ``dynamics`` in checkpoints
+written before it took the RSSM's name ``prior``."""
+
+
 def strip_compile_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Remove the ``_orig_mod.`` prefix that ``torch.compile`` adds to parameter names."""
     return {
         (k[len(COMPILE_PREFIX) :] if k.startswith(COMPILE_PREFIX) else k): v
         for k, v in state_dict.items()
     }
+
+
+def current_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter names as the models use them now: no ``torch.compile`` prefix, and the
+    :data:`RENAMED` modules under their new names."""
+    out = {}
+    for key, value in strip_compile_prefix(state_dict).items():
+        for old, new in RENAMED.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        out[key] = value
+    return out
 
 
 def load_state_strict(model: nn.Module, state_dict: Any, source: str, note: str = "") -> None:
@@ -88,7 +104,7 @@ def load_state_strict(model: nn.Module, state_dict: Any, source: str, note: str 
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
     ):
         raise CheckpointError(f"{source}: the state dict is not a mapping of names to tensors")
-    state_dict = strip_compile_prefix(state_dict)
+    state_dict = current_names(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -153,13 +169,13 @@ def save_checkpoint(
         ValueError: the weights contain NaN or inf (nothing is written).
         OSError: the file could not be written (e.g. a full disk); nothing is replaced.
     """
-    _check_finite(model)  # type: ignore[arg-type]
+    _check_finite(model)
     payload = {
         "format": FORMAT,
-        "model": model.kind,  # type: ignore[attr-defined]
-        "config": model.config.to_dict(),  # type: ignore[attr-defined]
+        "model": model.kind,
+        "config": model.config.to_dict(),
         "action_dim": int(model.action_dim),
-        "state_dict": model.state_dict(),  # type: ignore[attr-defined]
+        "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
         "total_steps": None if total_steps is None else int(total_steps),

@@ -19,11 +19,9 @@ the same held-out windows:
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,12 +29,13 @@ from .config import Config
 from .data import TrajectoryData
 from .diagnostics import token_perplexity
 from .evaluate import RolloutPSNR, rollout_psnr
+from .models import WorldModel
 from .train import History, TrainStep
-from .types import Batch, WorldModel
-from .utils import default_device
+from .types import Batch
+from .utils import default_device, median_ms
 from .workflow import train_or_load
 
-HEADS = {"MLP prior": "mlp", "MaskGIT prior": "maskgit"}
+HEADS: dict[str, Literal["mlp", "maskgit"]] = {"MLP prior": "mlp", "MaskGIT prior": "maskgit"}
 """Display name -> ``heads.dynamics_head``."""
 
 
@@ -88,30 +87,16 @@ def _ms_train_step(model: Any, batch: Batch, config: Config, repeats: int) -> fl
     """Median ms of one training step on a copy of ``model`` (the original is untouched)."""
     twin = copy.deepcopy(model).train()
     step = TrainStep(twin, config.train, batch.obs.device)  # fit()'s own step
-    times = []
-    for i in range(repeats + 1):  # the first step warms up
-        start = time.perf_counter()
-        step(twin.loss, batch)
-        if batch.obs.device.type == "cuda":
-            torch.cuda.synchronize(batch.obs.device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return median_ms(lambda: step(twin.loss, batch), batch.obs.device, repeats=repeats)
 
 
 def _ms_rollout(model: WorldModel, windows: Batch, context: int, repeats: int) -> float:
     """Median ms of one cached ``imagine`` over ``windows`` (C = ``context``)."""
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        model.imagine(
-            windows.obs[:, :context], windows.action[:, :context], windows.action[:, context:-1]
-        )
-        if windows.obs.device.type == "cuda":
-            torch.cuda.synchronize(windows.obs.device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    obs, action = windows.obs, windows.action
+    return median_ms(
+        lambda: model.imagine(obs[:, :context], action[:, :context], action[:, context:-1]),
+        obs.device, repeats=repeats,
+    )  # fmt: skip
 
 
 def compare_priors(
@@ -150,7 +135,7 @@ def compare_priors(
     histories: dict[str, History] = {}
     for (name, head), path in zip(HEADS.items(), (mlp_path, maskgit_path), strict=True):
         cfg = copy.deepcopy(config)
-        cfg.heads.dynamics_head = head  # type: ignore[assignment]
+        cfg.heads.dynamics_head = head
         models[name], histories[name] = train_or_load(
             "storm", cfg, train_data, val_data, path, retrain=retrain, device=device,
             progress=progress,
@@ -182,6 +167,6 @@ def compare_priors(
             "ms_train_step_history": 1000.0 * history.train_seconds / max(steps, 1.0),
             "ms_rollout": ms_roll,
             "steps": steps,
-            "params_prior": sum(p.numel() for p in model.dynamics.parameters()) / 1e6,  # type: ignore[attr-defined]
+            "params_prior": sum(p.numel() for p in model.prior.parameters()) / 1e6,
         }
     return PriorComparison(psnr=psnr, metrics=metrics, profile=config.name)

@@ -182,7 +182,8 @@ class TrainConfig:
     fp16 with a GradScaler below it (T4, V100), fp32 on CPU (``utils.autocast_dtype``)."""
     compile: bool = False
     """Run ``model.loss`` through ``torch.compile`` in ``fit()`` (needs a C++ compiler).
-    Off: on the 2-core CPU it cost minutes of compilation for no gain (bench/README)."""
+    Off by default: on a 2-core CPU compiling takes minutes and the steps are no faster
+    (README, "Benchmarks")."""
 
 
 @dataclass

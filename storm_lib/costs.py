@@ -17,6 +17,7 @@ from .config import Config
 from .models import build_world_model
 from .train import TrainStep
 from .types import Batch
+from .utils import private_rng
 
 
 def _random_batch(config: Config, device: torch.device | str) -> Batch:
@@ -34,7 +35,7 @@ def flops_per_step(kind: str, config: Config, action_dim: int) -> int:
     elementwise work is not counted) at the profile's batch x length, counted by
     ``torch.utils.flop_counter`` on the ``meta`` device: no memory and no arithmetic, so
     any profile's size can be counted on any machine."""
-    model = build_world_model(kind, config, action_dim, "meta")  # type: ignore[arg-type]
+    model = build_world_model(kind, config, action_dim, "meta")
     batch = _random_batch(config, "meta")
     with FlopCounterMode(display=False) as counter:
         loss, _ = model.loss(batch)
@@ -82,10 +83,10 @@ def estimate_training_time(
     The global RNG is left as it was, so measuring does not change the run that follows.
     """
     gflop, ms = {}, {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with private_rng(None, device):
         for kind in kinds:
             gflop[kind] = flops_per_step(kind, config, action_dim) / 1e9
-            model = build_world_model(kind, config, action_dim, device).train()  # type: ignore[arg-type]
+            model = build_world_model(kind, config, action_dim, device).train()
             step, batch = TrainStep(model, config.train, device), _random_batch(config, device)
             step(model.loss, batch)  # warm-up: allocations, cuDNN autotuning
             if device.type == "cuda":

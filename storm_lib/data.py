@@ -1,4 +1,4 @@
-"""Atari experience on disk and in memory: :class:`TrajectoryData` (``collect.py`` writes it).
+"""Atari experience on disk and in memory: :class:`TrajectoryData` (``atari.py`` writes it).
 
 Stored layout, one row per agent step (frame after an episode's last transition dropped):
 ``obs`` uint8 ``[N, 3, S, S]``, ``action`` int64 ``[N]``, ``reward`` float32 ``[N]``,

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,16 +27,15 @@ from .evaluate import (
     Data,
     StepStats,
     _check_model,
-    _evaluating,
     _imagine,
     _model_device,
     _windows,
     psnr,
 )
-from .models import build_world_model
+from .models import WorldModel, build_world_model
 from .train import TrainStep
-from .types import Batch, ImagineMode, WorldModel
-from .utils import autocast, default_device
+from .types import Batch, ImagineMode
+from .utils import autocast, default_device, evaluating, median_ms, private_rng
 
 QUADRATIC_SLOPE = 1.5
 """A log-log slope of time against length above this (closer to 2 than to 1) counts as
@@ -75,7 +72,7 @@ def teacher_forcing_gap(
     _check_model("model", model, steps=length, action_dim=None, windows=windows)
     dev = _model_device(model, device)
     forced, free = [], []
-    with torch.inference_mode(), _evaluating(model, seed, dev):
+    with evaluating(model, seed, dev):
         for chunk in windows.chunks(batch_size):
             chunk = chunk.to(dev)
             target = chunk.obs[:, context:length]
@@ -157,7 +154,7 @@ def sliding_window_token_loss(
             out.notes.append(f"window {length}: not measurable, {err}")
             continue
         rows = []
-        with torch.inference_mode(), _evaluating(model, seed, dev):
+        with evaluating(model, seed, dev):
             for chunk in tqdm(batch.chunks(batch_size), disable=not progress):
                 chunk = chunk.to(dev)
                 rows.append(model.token_nll_per_step(chunk.obs, chunk.action).double().cpu())
@@ -208,7 +205,7 @@ def token_perplexity(
     nll = result.nll[length]
     if math.isnan(nll):
         raise ValueError(f"token perplexity not measurable: {'; '.join(result.notes)}")
-    k = int(model.k)  # type: ignore[attr-defined]
+    k = model.categoricals
     return {
         "perplexity": perplexity(nll, k),
         "token_nll": nll,
@@ -279,9 +276,8 @@ def step_time_vs_length(
     dev = default_device(device)
     size = cfg.data.image_size
     ms_step: list[float] = []
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model = build_world_model(kind, cfg, action_dim, dev)  # type: ignore[arg-type]
+    with private_rng(seed, dev):
+        model = build_world_model(kind, cfg, action_dim, dev)
         step = TrainStep(model, cfg.train, dev)  # fit()'s own step: precision, fused Adam
         model.train(mode == "train")
         for length in tqdm(lengths, desc=f"step time {kind}", disable=not progress):
@@ -292,21 +288,15 @@ def step_time_vs_length(
                 cont=torch.ones(batch, length, device=dev),
             )
             run = _sequence_only(model, kind, data) if part == "sequence" else model.loss
-            times = []
-            for i in range(warmup + repeats):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                start = time.perf_counter()
+
+            def once(run=run, data=data) -> None:
                 if mode == "train":
                     step(run, data)
                 else:
                     with torch.no_grad(), autocast(dev, step.dtype):
                         run(data)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            ms_step.append(1000.0 * statistics.median(times))
+
+            ms_step.append(median_ms(once, dev, repeats=repeats, warmup=warmup))
     return {
         "kind": kind,
         "mode": mode,

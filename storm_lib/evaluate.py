@@ -1,6 +1,6 @@
 """Evaluation: PSNR and the rollout protocol of Section 4 (diagnostics: ``diagnostics.py``).
 
-Protocol (DESIGN.md, "Evaluation protocol"): the same fixed held-out windows of
+Protocol: the same fixed held-out windows of
 ``C + H`` steps for every model; each model sees the ``C`` real context frames and
 actions, imagines ``H`` frames open-loop with the real future actions, and every
 imagined frame is scored against the real one with PSNR (MAX = 1 on [0, 1] frames).
@@ -25,9 +25,8 @@ Glossary: B batch, T time, C context, H horizon, S image side.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +35,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .types import Batch, ImagineMode, WorldModel
+from .types import Batch, ImagineMode, RolloutModel
+from .utils import evaluating, private_rng
 
 Z95 = 1.96
 """Two-sided 95% quantile of the standard normal (interval half-width factor)."""
@@ -237,7 +237,7 @@ def _model_device(model: Any, device: torch.device | str | None) -> torch.device
 
 
 def _check_model(
-    name: str, model: WorldModel, *, steps: int, action_dim: int | None, windows: Batch
+    name: str, model: RolloutModel, *, steps: int, action_dim: int | None, windows: Batch
 ) -> None:
     """ValueError if ``steps`` exceed the model's max_length or the action counts differ."""
     max_length = getattr(model, "max_length", None)
@@ -257,27 +257,14 @@ def _check_model(
         )
 
 
-@contextlib.contextmanager
-def _evaluating(model: Any, seed: int, device: torch.device) -> Iterator[None]:
-    """Eval mode and a private RNG seeded with ``seed``; restores both afterwards."""
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            if was_training:
-                model.train()
-
-
-def _reconstruct(model: WorldModel, obs: Tensor, action: Tensor, mode: str = "mode") -> Tensor:
+def _reconstruct(
+    model: RolloutModel, obs: Tensor, action: Tensor, mode: ImagineMode = "mode"
+) -> Tensor:
     """``model.reconstruct`` with the argmax or a sample of the posterior, clamped to [0, 1]."""
-    return model.reconstruct(obs, action, mode=mode).clamp(0.0, 1.0)  # type: ignore[arg-type]
+    return model.reconstruct(obs, action, mode=mode).clamp(0.0, 1.0)
 
 
-def _entropy(model: WorldModel, obs: Tensor, action: Tensor) -> Tensor | None:
+def _entropy(model: RolloutModel, obs: Tensor, action: Tensor) -> Tensor | None:
     """``[B, T]`` mean entropy per categorical of the posterior, in nats (None for a model
     without ``posterior_log_probs``)."""
     if not hasattr(model, "posterior_log_probs"):
@@ -286,7 +273,7 @@ def _entropy(model: WorldModel, obs: Tensor, action: Tensor) -> Tensor | None:
     return -(log_probs.exp() * log_probs).sum(-1).mean(-1)
 
 
-def _imagine(model: WorldModel, chunk: Batch, context: int, horizon: int, mode: str) -> Tensor:
+def _imagine(model: RolloutModel, chunk: Batch, context: int, horizon: int, mode: str) -> Tensor:
     """``[b, H, 3, S, S]`` open-loop predictions of frames C+1..C+H, clamped to [0, 1]."""
     out = model.imagine(
         chunk.obs[:, :context],
@@ -301,7 +288,7 @@ def _imagine(model: WorldModel, chunk: Batch, context: int, horizon: int, mode: 
 
 
 def _imagine_seeded(
-    model: WorldModel,
+    model: RolloutModel,
     chunk: Batch,
     context: int,
     horizon: int,
@@ -310,13 +297,12 @@ def _imagine_seeded(
     device: torch.device,
 ) -> Tensor:
     """:func:`_imagine` with the global RNG (CPU and ``device``) seeded to ``seed``."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with private_rng(seed, device):
         return _imagine(model, chunk, context, horizon, mode)
 
 
 def rollout_psnr(
-    models: Mapping[str, WorldModel],
+    models: Mapping[str, RolloutModel],
     data: Data,
     *,
     context: int = 8,
@@ -374,7 +360,7 @@ def rollout_psnr(
         for name, model in models.items():
             dev = _model_device(model, device)
             rows, ceil, ent = [], [], []
-            with _evaluating(model, seed, dev):
+            with evaluating(model, seed, dev):
                 chunks = windows.chunks(batch_size)
                 for chunk in tqdm(chunks, desc=f"rollout PSNR {name}", disable=not progress):
                     chunk = chunk.to(dev)
@@ -388,8 +374,9 @@ def rollout_psnr(
             scores[name] = StepStats.from_values(np.concatenate(rows))
             if ceil:
                 ceilings[name] = StepStats.from_values(np.concatenate(ceil))
-            if all(e is not None for e in ent):
-                entropy[name] = float(torch.cat(ent).mean())  # type: ignore[arg-type]
+            known = [e for e in ent if e is not None]
+            if known and len(known) == len(ent):
+                entropy[name] = float(torch.cat(known).mean())
         target = windows.obs[:, context : context + horizon]
         baselines = {
             name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
@@ -429,7 +416,7 @@ def shuffled_partners(count: int, seed: int) -> Tensor:
 
 
 def action_sensitivity(
-    models: Mapping[str, WorldModel],
+    models: Mapping[str, RolloutModel],
     data: Data,
     *,
     context: int = 8,
@@ -465,7 +452,7 @@ def action_sensitivity(
         for name, model in models.items():
             dev = _model_device(model, device)
             real, other, between = [], [], []
-            with _evaluating(model, seed, dev):
+            with evaluating(model, seed, dev):
                 chunks = windows.chunks(batch_size), shuffled.chunks(batch_size)
                 pairs = list(zip(*chunks, strict=True))
                 for i, (a, b) in enumerate(tqdm(pairs, desc=name, disable=not progress)):
@@ -485,7 +472,7 @@ def action_sensitivity(
 
 
 def reconstruction_psnr(
-    model: WorldModel,
+    model: RolloutModel,
     windows: Batch,
     *,
     batch_size: int = 64,
@@ -495,7 +482,7 @@ def reconstruction_psnr(
     """Mean PSNR (dB) of ``model.reconstruct`` over every frame of ``windows`` ``[B,T,...]``."""
     dev = _model_device(model, device)
     values = []
-    with torch.inference_mode(), _evaluating(model, 0, dev):
+    with evaluating(model, 0, dev):
         for chunk in windows.chunks(batch_size):
             chunk = chunk.to(dev)
             recon = _reconstruct(model, chunk.obs, chunk.action)

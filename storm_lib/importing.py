@@ -75,7 +75,7 @@ def _frames_uint8(obs: np.ndarray, src: Path) -> tuple[np.ndarray, str]:
 
 def _resized(frames: np.ndarray, size: int) -> np.ndarray:
     """``[N, H, W, 3]`` uint8 -> ``[N, 3, size, size]`` uint8 (collection's filter)."""
-    from .collect import _resize
+    from .atari import _resize
 
     n = len(frames)
     out = np.empty((n, 3, size, size), np.uint8)

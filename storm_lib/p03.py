@@ -1,7 +1,7 @@
 """P03 checkpoints: save an RSSM where a P03 checkpoint goes, and load one forgivingly.
 
 :func:`load_rssm_checkpoint` reads this project's format, or a bare state dict of
-:class:`~storm_lib.rssm.RSSMWorldModel` (nested or not, with or without a
+:class:`~storm_lib.models.rssm.RSSMWorldModel` (nested or not, with or without a
 ``torch.compile`` prefix), inferring the sizes from tensor shapes. It is strict about
 content: anything it cannot map is a :class:`~storm_lib.checkpoint.CheckpointError` that
 lists missing keys, unexpected keys, shape mismatches and the sizes it inferred.
@@ -26,7 +26,7 @@ from .checkpoint import (
     strip_compile_prefix,
 )
 from .config import Config, get_profile
-from .rssm import RSSMWorldModel
+from .models.rssm import RSSMWorldModel
 from .utils import default_device
 
 

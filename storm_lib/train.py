@@ -34,8 +34,16 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import DataError, TrajectoryData
 from .files import exclusive_lock
-from .types import Batch, WorldModel
-from .utils import autocast, autocast_dtype, configure_device, default_device, seed_everything
+from .models import WorldModel
+from .types import Batch
+from .utils import (
+    autocast,
+    autocast_dtype,
+    configure_device,
+    default_device,
+    evaluating,
+    seed_everything,
+)  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -154,7 +162,7 @@ def check_compatible(model: WorldModel, data: TrajectoryData, seq_len: int) -> N
             f"the data has action {int(data.action.max())}, outside the model's "
             f"{model.action_dim} actions"
         )
-    size = model.config.data.image_size  # type: ignore[attr-defined]
+    size = model.config.data.image_size
     if data.image_size != size:
         raise TrainingError(f"the data has {data.image_size}px frames, the model expects {size}px")
     if model.max_length is not None and seq_len > model.max_length:
@@ -178,20 +186,13 @@ def validate(
     the same measurement every time, and it leaves the training RNG untouched (so a
     resumed run equals an uninterrupted one whatever the validation schedule).
     """
-    was_training = model.training  # type: ignore[attr-defined]
-    model.eval()  # type: ignore[attr-defined]
     totals: dict[str, float] = {}
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for batch in batches:
-                with autocast(device, dtype):
-                    _, metrics = model.loss(batch.to(device))
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-    finally:
-        model.train(was_training)  # type: ignore[attr-defined]
+    with evaluating(model, seed, device):
+        for batch in batches:
+            with autocast(device, dtype):
+                _, metrics = model.loss(batch.to(device))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
     return {k: v / len(batches) for k, v in totals.items()}
 
 
@@ -200,12 +201,11 @@ def make_optimizer(
 ) -> torch.optim.Adam:
     """Adam with ``config.lr``; the fused kernel on CPU and CUDA (same update rule).
 
-    The fused implementation does all parameters in one kernel instead of a Python loop
-    over 75 tensors: the optimizer step of the cpu-profile STORM model measured 386 ms
-    (loop) vs 123 ms (fused) here. The state dicts have the same tensors, so checkpoints
+    The fused implementation updates all parameters in one kernel instead of a Python
+    loop over every tensor. The state dicts have the same tensors, so checkpoints
     written by either resume with either. Other devices (and old torch) keep the default.
     """
-    params = list(model.parameters())  # type: ignore[attr-defined]
+    params = list(model.parameters())
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.Adam(params, lr=config.lr, fused=True)
@@ -242,7 +242,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        params = self.model.parameters()  # type: ignore[attr-defined]
+        params = self.model.parameters()
         return loss, metrics, torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
 
     def update(self) -> None:
@@ -409,16 +409,16 @@ def _fit_locked(
             raise DataError(f"{role} data: {exc} (train.seq_len = {config.seq_len})") from None
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model.to(device)  # type: ignore[attr-defined]
+    model.to(device)
     configure_device(device)
     trainer = TrainStep(model, config, device)
     optimizer, scaler, dtype = trainer.optimizer, trainer.scaler, trainer.dtype
     history, step = History(), 0
     if resume and path is not None and path.exists():
         payload = read_checkpoint(path, device)
-        if payload["model"] != model.kind:  # type: ignore[attr-defined]
+        if payload["model"] != model.kind:
             raise CheckpointError(f"{path}: holds a {payload['model']} model")
-        load_state_strict(model, payload["state_dict"], str(path))  # type: ignore[arg-type]
+        load_state_strict(model, payload["state_dict"], str(path))
         if payload["optimizer"] is not None:
             optimizer.load_state_dict(payload["optimizer"])
         step, history = payload["step"], History.from_dict(payload["history"])
@@ -445,9 +445,9 @@ def _fit_locked(
 
     # torch.compile wraps the bound method, not the module: state_dict keys stay unprefixed.
     loss_fn = torch.compile(model.loss) if config.compile else model.loss
-    model.train()  # type: ignore[attr-defined]
+    model.train()
     clock = history.train_seconds
-    label, head = model.kind, model.config.heads.dynamics_head  # type: ignore[attr-defined]
+    label, head = model.kind, model.config.heads.dynamics_head
     if label == "storm" and head != "mlp":  # say which of compare-priors' two models this is
         label += f" ({head} prior)"
     bar = tqdm(
@@ -456,7 +456,7 @@ def _fit_locked(
         disable=not progress,
         desc=f"train {label}",
         dynamic_ncols=True,
-    )  # type: ignore[attr-defined]
+    )
     unchecked: list[tuple[int, Tensor, dict[str, Tensor]]] = []  # losses not yet looked at
     with _interrupt_between_steps() as interrupted:
         try:
@@ -508,5 +508,5 @@ def _fit_locked(
             raise
         finally:
             bar.close()
-    model.eval()  # type: ignore[attr-defined]
+    model.eval()
     return history

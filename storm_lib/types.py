@@ -1,7 +1,8 @@
-"""The shared vocabulary: ``Batch``, ``Rollout`` and the ``WorldModel`` protocol.
+"""The shared vocabulary: ``Batch``, ``Rollout`` and the ``RolloutModel`` protocol.
 
-Both backbones (STORM and the RSSM) satisfy :class:`WorldModel`, so one training loop,
-one evaluation protocol and one checkpoint format serve both.
+``RolloutModel`` is what the evaluation protocol needs of a model. Our world models
+(``storm_lib.models.WorldModel``) provide it, and so does a student's own model wrapped
+by ``storm_lib.outside``.
 """
 
 from __future__ import annotations
@@ -76,15 +77,11 @@ ImagineMode = Literal["sample", "mode"]
 
 
 @runtime_checkable
-class WorldModel(Protocol):
-    """What STORM and the RSSM both provide."""
+class RolloutModel(Protocol):
+    """What evaluation calls: rollouts and reconstructions."""
 
     action_dim: int
     max_length: int | None  # longest context + horizon imagine() accepts (None: unbounded)
-
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Scalar training loss and float metrics (``loss/total``, ``loss/rec``, ...)."""
-        ...
 
     def reconstruct(
         self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"

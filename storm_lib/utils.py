@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,13 +102,53 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def evaluating(module: nn.Module) -> Iterator[None]:
-    """Eval mode and ``torch.inference_mode`` inside; the previous train/eval mode is
-    restored afterwards (imagination and diagnostics never leave a model switched)."""
-    was_training = module.training
-    module.eval()
+def private_rng(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
+    """Inside the block the global RNG (CPU, and ``device`` when it is a GPU) is seeded
+    with ``seed`` (None: left as it is); afterwards it is restored, so measuring never
+    changes the random draws of what follows."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def evaluating(
+    model: nn.Module | Any, seed: int | None = None, device: torch.device | None = None
+) -> Iterator[None]:
+    """Eval mode and ``torch.inference_mode`` inside, with :func:`private_rng` when
+    ``seed`` is given. The train/eval mode is restored afterwards (imagination, validation
+    and diagnostics never leave a model switched). ``model`` may lack ``eval``/``train``
+    (an outside model): it then gets the rest."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
     try:
         with torch.inference_mode():
-            yield
+            if seed is None:
+                yield
+            else:
+                with private_rng(seed, device):
+                    yield
     finally:
-        module.train(was_training)
+        if was_training:
+            model.train()
+
+
+def median_ms(
+    fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1
+) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup``
+    calls, with CUDA synchronised around each call (GPU work is asynchronous)."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)

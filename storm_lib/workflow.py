@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .atari import collect
 from .checkpoint import (
     CheckpointError,
     describe_checkpoint,
@@ -17,12 +18,11 @@ from .checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from .collect import collect
 from .config import Config, get_profile
 from .data import DataError, TrajectoryData
-from .models import build_world_model
+from .models import WorldModel, build_world_model
 from .train import History, fit
-from .types import WorldModel
+from .types import RolloutModel
 from .utils import default_device, seed_everything
 
 
@@ -66,7 +66,11 @@ def ensure_data(
     wanted = data_settings(config)
     if not path.exists():
         start = time.perf_counter()
-        collect(path=path, progress=progress, **wanted)  # type: ignore[arg-type]
+        d = config.data
+        collect(
+            d.env_id, d.steps, d.seed, path, image_size=d.image_size, frameskip=d.frameskip,
+            sticky_prob=d.sticky_prob, max_episode_steps=d.max_episode_steps, progress=progress,
+        )  # fmt: skip
         data = TrajectoryData.load(path)
         seconds = time.perf_counter() - start
         print(f"Collected {len(data)} steps of {data.env_id} to {path} in {seconds:.0f} s.")
@@ -181,7 +185,7 @@ def train_or_load(
             resume = True
             print(f"Resuming it from step {payload['step']} to {steps}.")
     seed_everything(config.train.seed)  # initial weights depend on the seed alone
-    model = build_world_model(kind, config, train_data.action_dim, device)  # type: ignore[arg-type]
+    model = build_world_model(kind, config, train_data.action_dim, device)
     history = fit(
         model,
         train_data,
@@ -276,7 +280,7 @@ def evaluate_checkpoints(
     config = get_profile_for_eval(storm, profile, device)
     all_data = TrajectoryData.load(data)
     _, val_data = all_data.split(config.data.val_fraction, seed=config.data.seed)
-    models: dict[str, WorldModel] = {}
+    models: dict[str, RolloutModel] = {}
     if storm is not None:
         _checked_payload(storm, all_data, allow_partial=allow_partial)
         models["STORM"] = load_checkpoint(
@@ -325,7 +329,7 @@ def evaluate_checkpoints(
     summary["actions"] = {name: sens.to_dict() for name, sens in sensitivity.items()}
     if fvd and ev.fvd_count:
         from .fvd import fvd_for_models
-        from .nets.i3d import FVDWeightsError
+        from .i3d import FVDWeightsError
 
         windows = val_data.eval_windows(ev.fvd_count, ev.context + ev.horizon, ev.seed)
         try:

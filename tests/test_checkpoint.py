@@ -128,3 +128,17 @@ def test_killed_writer_leaves_previous_checkpoint_intact(storm, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert path.read_bytes() == before
     assert load_checkpoint(path, "cpu").action_dim == 5
+
+
+def test_checkpoints_from_before_the_prior_rename_still_load(storm, tmp_path):
+    """STORM's prior head was the module ``dynamics``; such files load as ``prior``."""
+    path = save_checkpoint(tmp_path / "old.pt", storm)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {
+        k.replace("prior.", "dynamics.", 1) if k.startswith("prior.") else k: v
+        for k, v in payload["state_dict"].items()
+    }
+    assert any(k.startswith("dynamics.") for k in payload["state_dict"])
+    torch.save(payload, path)
+    back = load_checkpoint(path, "cpu", kind="storm")
+    torch.testing.assert_close(rollout(back), rollout(storm))

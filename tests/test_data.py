@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from storm_lib.collect import collect
+from storm_lib.atari import collect
 from storm_lib.data import DataError, TrajectoryData
 
 BOXING = "ALE/Boxing-v5"

@@ -305,8 +305,8 @@ def test_attention_cost_sentence_linear_vs_quadratic() -> None:
 
 
 def test_real_models_smoke() -> None:
-    pytest.importorskip("storm_lib.storm", reason="STORM model not written yet")
-    pytest.importorskip("storm_lib.rssm", reason="RSSM model not written yet")
+    pytest.importorskip("storm_lib.models.storm", reason="STORM model not written yet")
+    pytest.importorskip("storm_lib.models.rssm", reason="RSSM model not written yet")
     from storm_lib.config import get_profile
     from storm_lib.diagnostics import step_time_vs_length
     from storm_lib.models import build_world_model

@@ -24,12 +24,12 @@ import torch
 
 from storm_lib import __main__ as cli
 from storm_lib import build_world_model, get_profile
+from storm_lib.atari import collect
 from storm_lib.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from storm_lib.collect import collect
 from storm_lib.data import FORMAT, DataError, TrajectoryData, write_npz
 from storm_lib.files import FileBusyError, exclusive_lock
+from storm_lib.models.rssm import RSSMWorldModel
 from storm_lib.p03 import load_rssm_checkpoint
-from storm_lib.rssm import RSSMWorldModel
 from storm_lib.train import fit
 from storm_lib.workflow import (
     check_trained_on,
@@ -179,7 +179,7 @@ def test_collect_replaces_our_own_data_only_when_forced(smoke_data: Path, tmp_pa
 def test_collect_keeps_our_matching_data_without_collecting(
     smoke_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("storm_lib.collect._make_env", lambda *a: pytest.fail("collected"))
+    monkeypatch.setattr("storm_lib.atari._make_env", lambda *a: pytest.fail("collected"))
     with unchanged(smoke_data):
         assert collect(path=smoke_data, progress=False, **data_settings(SMOKE)) == smoke_data
 
@@ -393,7 +393,7 @@ def test_ctrl_c_in_the_cli_saves_says_so_and_exits_130(
 ) -> None:
     (workdir / "data").mkdir()
     shutil.copy(smoke_data, workdir / SMOKE_FILE)
-    from storm_lib.storm import STORMWorldModel
+    from storm_lib.models.storm import STORMWorldModel
 
     real, calls = STORMWorldModel.loss, {"n": 0}
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from storm_lib import fvd as F
-from storm_lib.nets import i3d as N
+from storm_lib import i3d as N
 from storm_lib.types import Batch, Rollout
 
 # Logits of TF-Hub "i3d-kinetics-400" (via the reference frechet_video_distance.py) for

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from storm_lib import fvd as F
-from storm_lib.nets import i3d as N
+from storm_lib import i3d as N
 
 pytest.importorskip("jax", reason="the parity check needs JAX")
 pytest.importorskip("flax", reason="the parity check needs flax")

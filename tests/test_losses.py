@@ -1,29 +1,11 @@
-"""Loss and sampling building blocks (storm_lib.losses)."""
+"""Loss building blocks (storm_lib.losses) and straight-through sampling (models.vae)."""
 
 from __future__ import annotations
 
 import torch
 
-from storm_lib.losses import TwoHot, sample_categorical, straight_through_sample
-
-
-def test_sample_categorical_has_the_given_frequencies_and_skips_zeros() -> None:
-    torch.manual_seed(0)
-    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
-    n = 200_000
-    for scale in (1.0, 3.0):  # unnormalised weights draw the same distribution
-        index = sample_categorical((probs * scale).expand(n, 5))
-        assert index.shape == (n,) and index.dtype == torch.long
-        freq = torch.bincount(index, minlength=5).double() / n
-        assert freq[1] == 0 and freq[4] == 0
-        sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
-        assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all(), freq
-
-
-def test_sample_categorical_rows_are_independent_and_shaped() -> None:
-    torch.manual_seed(1)
-    probs = torch.eye(4)[[2, 0, 3, 1]].expand(6, 4, 4)  # each row certain of one class
-    assert torch.equal(sample_categorical(probs), torch.tensor([2, 0, 3, 1]).expand(6, 4))
+from storm_lib.losses import TwoHot
+from storm_lib.models.vae import straight_through_sample
 
 
 def test_straight_through_sample_is_one_hot_with_probability_gradients() -> None:

@@ -1,4 +1,4 @@
-"""MaskGIT dynamics prior (storm_lib.nets.maskgit) and token perplexity (GIT-STORM)."""
+"""MaskGIT dynamics prior (storm_lib.models.maskgit) and token perplexity (GIT-STORM)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from storm_lib.checkpoint import load_checkpoint, save_checkpoint
 from storm_lib.config import Config, MaskGITConfig, get_profile
 from storm_lib.diagnostics import perplexity, token_perplexity
-from storm_lib.nets.maskgit import MaskGITPrior, cosine_mask, random_partition
-from storm_lib.storm import STORMWorldModel
+from storm_lib.models.maskgit import MaskGITPrior, cosine_mask, random_partition
+from storm_lib.models.storm import STORMWorldModel
 from storm_lib.types import Batch
 
 A, K, V, D = 5, 8, 6, 16  # actions; head-only tests use a small K x V
@@ -136,14 +136,14 @@ def test_decoding_fills_every_position_and_respects_the_partition() -> None:
 def test_shapes_and_determinism_under_seed() -> None:
     torch.manual_seed(0)
     model = STORMWorldModel(model_config(draft=2, revise=2), A)
-    assert isinstance(model.dynamics, MaskGITPrior)
+    assert isinstance(model.prior, MaskGITPrior)
     batch = make_batch()
     torch.manual_seed(3)
     total, metrics = model.loss(batch)
     assert total.shape == () and total.requires_grad
     assert {"loss/dyn", "loss/rep", "kl/dyn_raw", "token_nll"} <= set(metrics)
     total.backward()
-    assert model.dynamics.codebook.weight.grad.abs().sum() > 0
+    assert model.prior.codebook.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.transformer.parameters())  # via h_t
     assert model.embed.net[0].weight.grad.abs().sum() > 0
     assert model.vae.encoder.to_logits.weight.grad.abs().sum() > 0
@@ -189,13 +189,15 @@ def test_perplexity_of_known_distributions() -> None:
         assert out["perplexity"] > 1.0 and out["windows"] == 3
         with torch.no_grad():  # a prior with constant logits is uniform over V
             if kind == "mlp":
-                model.dynamics.linear.weight.zero_()
-                model.dynamics.linear.bias.zero_()
+                model.prior.linear.weight.zero_()
+                model.prior.linear.bias.zero_()
             else:
-                model.dynamics.codebook.weight.zero_()
+                model.prior.codebook.weight.zero_()
         out = token_perplexity(model, batch, length=6)
-        assert out["perplexity"] == pytest.approx(model.v, rel=1e-4)
-        assert out["token_nll"] == pytest.approx(model.k * math.log(model.v), rel=1e-4)
+        assert out["perplexity"] == pytest.approx(model.classes, rel=1e-4)
+        assert out["token_nll"] == pytest.approx(
+            model.categoricals * math.log(model.classes), rel=1e-4
+        )
     with pytest.raises(ValueError, match="not measurable"):
         token_perplexity(model, batch, length=7)
 
@@ -210,7 +212,7 @@ def test_old_configs_load_and_maskgit_checkpoints_round_trip(tmp_path) -> None:
     path = tmp_path / "maskgit.pt"
     save_checkpoint(path, model)
     back = load_checkpoint(path, "cpu")
-    assert isinstance(back.dynamics, MaskGITPrior)
+    assert isinstance(back.prior, MaskGITPrior)
     batch = make_batch()
     torch.testing.assert_close(
         back.token_nll_per_step(batch.obs, batch.action),

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from storm_lib import __main__ as cli
+from storm_lib.atari import collect
 from storm_lib.checkpoint import CheckpointError
-from storm_lib.collect import collect
 from storm_lib.data import DataError, TrajectoryData
 from storm_lib.evaluate import action_sensitivity, ignores_actions, rollout_psnr
 from storm_lib.importing import import_data

@@ -457,7 +457,7 @@ RUN = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from storm_lib import build_world_model, get_profile
-    from storm_lib.collect import collect
+    from storm_lib.atari import collect
     from storm_lib.data import TrajectoryData
     from storm_lib.evaluate import rollout_psnr
     from storm_lib.train import fit

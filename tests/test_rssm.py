@@ -13,9 +13,10 @@ from torch import nn
 
 from storm_lib.checkpoint import CheckpointError, save_checkpoint
 from storm_lib.config import Config, get_profile
+from storm_lib.models import WorldModel
+from storm_lib.models.rssm import RSSMWorldModel
 from storm_lib.p03 import load_rssm_checkpoint, save_p03_checkpoint
-from storm_lib.rssm import RSSMWorldModel
-from storm_lib.types import Batch, Rollout, WorldModel
+from storm_lib.types import Batch, Rollout
 
 A = 4
 
@@ -253,7 +254,7 @@ def test_storm_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_real_storm_checkpoint_is_refused(tmp_path: Path) -> None:
-    storm = pytest.importorskip("storm_lib.storm")
+    storm = pytest.importorskip("storm_lib.models.storm")
     path = save_checkpoint(tmp_path / "s.pt", storm.STORMWorldModel(get_profile("smoke"), A))
     with pytest.raises(CheckpointError, match="holds a STORM model, expected RSSM"):
         load_rssm_checkpoint(path, "cpu")

@@ -1,4 +1,4 @@
-"""STORM world model (storm_lib.storm): shapes, gradients, cache equivalence, causality."""
+"""STORM world model (storm_lib.models.storm): shapes, gradients, cache equivalence, causality."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from storm_lib.config import Config, get_profile
-from storm_lib.storm import STORMWorldModel
-from storm_lib.types import Batch, WorldModel
+from storm_lib.models import WorldModel
+from storm_lib.models.storm import STORMWorldModel
+from storm_lib.types import Batch
 
 LAYOUTS = ("fused", "interleaved")
 A = 5  # actions
@@ -78,7 +79,7 @@ def test_gradients_reach_encoder_through_straight_through_sample() -> None:
     assert model.vae.encoder.convs[0].weight.grad.abs().sum() > 0
     assert model.vae.encoder.to_logits.weight.grad.abs().sum() > 0
     assert model.embed.net[0].weight.grad.abs().sum() > 0
-    assert model.dynamics.linear.weight.grad.abs().sum() > 0
+    assert model.prior.linear.weight.grad.abs().sum() > 0
 
 
 def test_reconstruction_loss_is_the_per_frame_squared_error() -> None:
@@ -121,9 +122,13 @@ def test_latent_rollout_is_the_frames_rollout_before_decoding(use_cache: bool) -
     assert model.training  # the mode is restored, as by imagine
     torch.manual_seed(3)
     roll = model.imagine(*args, use_cache=use_cache)
-    assert latent.z.shape == (3, 8, model.k, model.v) and latent.h.shape == (3, 8, 32)
+    assert latent.z.shape == (3, 8, model.categoricals, model.classes) and latent.h.shape == (
+        3,
+        8,
+        32,
+    )
     assert torch.equal(latent.z.argmax(-1), (latent.z > 0.5).float().argmax(-1))
-    torch.testing.assert_close(latent.z.sum(-1), torch.ones(3, 8, model.k))  # one-hot
+    torch.testing.assert_close(latent.z.sum(-1), torch.ones(3, 8, model.categoricals))  # one-hot
     torch.testing.assert_close(latent.reward, roll.reward, atol=0, rtol=0)
     torch.testing.assert_close(latent.cont, roll.cont, atol=0, rtol=0)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Causal Transformer, token embeddings and KV cache (storm_lib.nets.transformer)."""
+"""Causal Transformer, token embeddings and KV cache (storm_lib.models.transformer)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import pytest
 import torch
 
 from storm_lib.config import TransformerConfig
-from storm_lib.nets.transformer import (
-    ActionMixer,
-    CausalTransformer,
-    InterleavedEmbedding,
-    chunk_mask,
-)
+from storm_lib.models.speedups import chunk_mask
+from storm_lib.models.transformer import ActionMixer, CausalTransformer, InterleavedEmbedding
 
 LAYOUTS = ("fused", "interleaved")
 
@@ -62,21 +58,21 @@ def test_chunk_mask_values() -> None:
 def test_cache_is_preallocated_and_bounded() -> None:
     net = make(max_length=6)
     cache = net.new_cache(2)
-    ptrs = [k.data_ptr() for k in cache.keys + cache.values]
-    shapes = [k.shape for k in cache.keys + cache.values]
+    tensors = [t for layer in cache for t in (layer.keys, layer.values)]  # one cache per layer
+    ptrs, shapes = [t.data_ptr() for t in tensors], [t.shape for t in tensors]
     assert shapes[0] == (2, 4, 6, 8)  # [B, heads, max_tokens, d_head]
-    assert len(cache.keys) == 2 and cache.keys[0].dtype == net.pos.dtype
+    assert len(cache) == 2 and cache[0].keys.dtype == net.pos.dtype
     with torch.no_grad():
         net(torch.randn(2, 4, 32), cache)
         net(torch.randn(2, 1, 32), cache)
         net(torch.randn(2, 1, 32), cache)
-    assert cache.length == 6
-    assert [k.data_ptr() for k in cache.keys + cache.values] == ptrs
-    assert [k.shape for k in cache.keys + cache.values] == shapes
+    assert cache.length == 6 and all(layer.length == 6 for layer in cache)
+    tensors = [t for layer in cache for t in (layer.keys, layer.values)]
+    assert [t.data_ptr() for t in tensors] == ptrs and [t.shape for t in tensors] == shapes
     with pytest.raises(ValueError, match="exceeds the 6 learned positions"):
         net(torch.randn(2, 1, 32), cache)
     with pytest.raises(ValueError, match=r"capacity 6 .*positions 6\.\.6"):
-        cache.append(0, torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8))
+        cache[0].append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8))
     assert cache.length == 6
 
 
@@ -136,4 +132,4 @@ def test_embeddings() -> None:
     assert tokens.shape == (2, 10, 16)
     torch.testing.assert_close(tokens[:, 1::2], emb.action(a))  # a_t at odd positions
     torch.testing.assert_close(tokens[:, 0::2], emb.latent(z))
-    assert torch.equal(emb.hidden(tokens), tokens[:, 1::2])
+    assert torch.equal(emb.states(tokens), tokens[:, 1::2])

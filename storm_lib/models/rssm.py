@@ -1,4 +1,4 @@
-"""DreamerV3-style RSSM world model, the P03 baseline (its loader is in ``p03.py``).
+"""DreamerV3-style RSSM world model, the P03 baseline (its loader is ``storm_lib/p03.py``).
 
 The RSSM shares STORM's encoder/decoder family, heads, loss weights and free bits, so a
 comparison of the two is a comparison of the dynamics backbone (GRU vs Transformer).
@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config
-from .losses import kl_losses, straight_through_sample, token_nll, unimix_logits
-from .nets.heads import ContinueHead, RewardHead
-from .nets.vae import Decoder, Encoder, frames_channels_last
-from .types import Batch, ImagineMode, Rollout
-from .utils import evaluating
+from ..config import Config
+from ..losses import kl_losses, token_nll
+from ..types import Batch, ImagineMode, Rollout
+from ..utils import evaluating
+from .base import WorldModel
+from .heads import ContinueHead, PriorLosses, RewardHead
+from .vae import Decoder, Encoder, frames_for_convs, straight_through_sample, unimix_logits
 
 
 @dataclass
@@ -72,7 +73,7 @@ def _block(in_dim: int, hidden: int) -> list[nn.Module]:
     return [nn.Linear(in_dim, hidden, bias=False), nn.LayerNorm(hidden), nn.SiLU()]
 
 
-class RSSMWorldModel(nn.Module):
+class RSSMWorldModel(WorldModel):
     """DreamerV3-style recurrent state-space world model (see the module docstring).
 
     Args:
@@ -96,14 +97,11 @@ class RSSMWorldModel(nn.Module):
     kind = "rssm"
 
     def __init__(self, config: Config, action_dim: int) -> None:
-        super().__init__()
-        if action_dim < 1:
-            raise ValueError(f"action_dim must be >= 1, got {action_dim}")
-        self.config, self.action_dim, self.max_length = config, int(action_dim), None
+        super().__init__(config, action_dim)
         vae, rssm = config.vae, config.rssm
-        self.k, self.v, self.unimix = vae.categoricals, vae.classes, vae.unimix
-        self.image_size = config.data.image_size
-        stoch_dim, feat_dim = self.k * self.v, rssm.deter + self.k * self.v
+        self.unimix = vae.unimix
+        stoch_dim = self.categoricals * self.classes
+        feat_dim = rssm.deter + stoch_dim
         self.encoder = Encoder(vae, self.image_size)
         del self.encoder.to_logits  # unused: the posterior below maps features to logits
         self.img_in = nn.Sequential(*_block(stoch_dim + self.action_dim, rssm.hidden))
@@ -120,13 +118,6 @@ class RSSMWorldModel(nn.Module):
         self.cont_head = ContinueHead(feat_dim, rssm.hidden, config.heads)
 
     # ----------------------------------------------------------------- helpers
-    @classmethod
-    def from_checkpoint(cls, path: str, device: torch.device | str | None = None) -> RSSMWorldModel:
-        """Rebuild from a file of ``storm_lib.checkpoint.save_checkpoint`` (eval mode)."""
-        from .checkpoint import load_checkpoint  # checkpoint.py imports the model classes
-
-        return load_checkpoint(path, device, kind="rssm")  # type: ignore[return-value]
-
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for parameter counts (names as STORM's; the posterior net is extra)."""
         return {
@@ -141,7 +132,7 @@ class RSSMWorldModel(nn.Module):
 
     def _dist(self, logits: Tensor) -> Tensor:
         """``[..., K*V]`` raw logits -> ``[..., K, V]`` log-probs with unimix."""
-        return unimix_logits(logits.unflatten(-1, (self.k, self.v)), self.unimix)
+        return unimix_logits(logits.unflatten(-1, (self.categoricals, self.classes)), self.unimix)
 
     def _one_hot(self, action: Tensor) -> Tensor:
         """Indices ``[...]`` (int) or one-hot ``[..., A]`` (float) -> float one-hot ``[..., A]``."""
@@ -155,26 +146,10 @@ class RSSMWorldModel(nn.Module):
             raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
         return F.one_hot(action.long(), self.action_dim).float()
 
-    def _check_actions(self, action: Tensor) -> None:
-        """dtype and range: one host sync, once per rollout or diagnostic call; ``loss``
-        skips it (fit() checks the data once)."""
-        if action.is_floating_point() or action.dtype == torch.bool:
-            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
-        if action.numel() and (int(action.min()) < 0 or int(action.max()) >= self.action_dim):
-            raise ValueError(
-                f"actions must be in [0, {self.action_dim}), got range "
-                f"[{int(action.min())}, {int(action.max())}]: wrong action count for this model?"
-            )
-
-    def _check_obs(self, obs: Tensor) -> None:
-        s = self.image_size
-        if obs.dim() != 5 or tuple(obs.shape[2:]) != (3, s, s):
-            raise ValueError(f"obs must be [B, T, 3, {s}, {s}], got {tuple(obs.shape)}")
-
     def embed(self, obs: Tensor) -> Tensor:
         """Encoder features of all frames in one call: ``[B, T, 3, S, S] -> [B, T, E]``."""
-        self._check_obs(obs)
-        return self.encoder.features(frames_channels_last(obs)).unflatten(0, obs.shape[:2])
+        self.check_obs(obs)
+        return self.encoder.features(frames_for_convs(obs)).unflatten(0, obs.shape[:2])
 
     def decode(self, feat: Tensor) -> Tensor:
         """Features ``[B, T, deter + K*V] -> [B, T, 3, S, S]`` (unclamped)."""
@@ -185,8 +160,8 @@ class RSSMWorldModel(nn.Module):
         """All-zero deter and stoch, uniform logits (DreamerV3 can learn it; we don't)."""
         device = device if device is not None else self.gru.weight_hh.device
         deter = torch.zeros(batch_size, self.config.rssm.deter, device=device)
-        stoch = torch.zeros(batch_size, self.k, self.v, device=device)
-        return RSSMState(deter, stoch, torch.full_like(stoch, -math.log(self.v)))
+        stoch = torch.zeros(batch_size, self.categoricals, self.classes, device=device)
+        return RSSMState(deter, stoch, torch.full_like(stoch, -math.log(self.classes)))
 
     def _deter_step(self, state: RSSMState, action_oh: Tensor) -> Tensor:
         x = self.img_in(torch.cat([state.stoch.flatten(1), action_oh], -1))
@@ -209,7 +184,7 @@ class RSSMWorldModel(nn.Module):
             check: validate index actions (a host sync; ``imagine`` checks once instead).
         """
         if check and not action.is_floating_point():
-            self._check_actions(action)
+            self.check_actions(action)
         deter = self._deter_step(state, self._one_hot(action))
         logits = self._dist(self.prior(deter))
         return RSSMState(deter, straight_through_sample(logits, mode), logits)
@@ -219,8 +194,13 @@ class RSSMWorldModel(nn.Module):
     ) -> tuple[RSSMState, RSSMState]:
         """Prior step, then the posterior from ``[h', e]``: ``(post, prior)``; embed ``[B, E]``."""
         prior = self.img_step(state, action, mode=mode)
-        logits = self._dist(self.posterior(torch.cat([prior.deter, embed], -1)))
-        return RSSMState(prior.deter, straight_through_sample(logits, mode), logits), prior
+        return self._posterior(prior.deter, embed, mode), prior
+
+    def _posterior(self, deter: Tensor, embed: Tensor, mode: ImagineMode) -> RSSMState:
+        """``q(z | h, e)``: the state with deter ``h [B, deter]`` and a latent drawn from
+        the posterior of ``[h, e]`` (embed ``e [B, E]``)."""
+        logits = self._dist(self.posterior(torch.cat([deter, embed], -1)))
+        return RSSMState(deter, straight_through_sample(logits, mode), logits)
 
     def _observe(
         self,
@@ -237,15 +217,13 @@ class RSSMWorldModel(nn.Module):
         if action.shape != (b, t):
             raise ValueError(f"action must be [B, T] = {(b, t)}, got {tuple(action.shape)}")
         if check and not action.is_floating_point():
-            self._check_actions(action)
+            self.check_actions(action)
         prev = self._one_hot(action)
         prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], 1)  # a_{t-1}; a_{-1} = 0
         state = state if state is not None else self.initial(b, embed.device)
         posts = []
-        for i in range(t):
-            deter = self._deter_step(state, prev[:, i])
-            logits = self._dist(self.posterior(torch.cat([deter, embed[:, i]], -1)))
-            state = RSSMState(deter, straight_through_sample(logits, mode), logits)
+        for i in range(t):  # obs_step without its unused prior sample
+            state = self._posterior(self._deter_step(state, prev[:, i]), embed[:, i], mode)
             posts.append(state)
         post = _stack(posts)
         return post, self._dist(self.prior(post.deter))
@@ -289,71 +267,40 @@ class RSSMWorldModel(nn.Module):
             ``loss/reward``, ``loss/cont``, ``loss/dyn``, ``loss/rep``, ``kl/dyn_raw``,
             ``token_nll``).
         """
-        obs, action = batch.obs, batch.action
-        self._check_obs(obs)
-        b, t = obs.shape[:2]
-        if t < 2:
-            raise ValueError(f"the RSSM loss needs T >= 2 steps, got T={t}")
-        for name in ("action", "reward", "cont"):
-            if tuple(getattr(batch, name).shape) != (b, t):
-                raise ValueError(f"batch.{name} must be [B, T] = {(b, t)}")
-        frames = frames_channels_last(obs)  # [B*T, 3, S, S], the decoder's output layout
+        b, t = self.check_batch(batch)
+        frames = frames_for_convs(batch.obs)  # [B*T, 3, S, S], the decoder's output layout
         embedded = self.encoder.features(frames).unflatten(0, (b, t))
-        post, prior_logits = self._observe(embedded, action, None, "sample", check=False)
+        post, prior_logits = self._observe(embedded, batch.action, None, "sample", check=False)
         feat = post.feat
-        rec = (self.decoder(feat.flatten(0, 1)) - frames).pow(2).sum((1, 2, 3)).mean()
+        rec = self.reconstruction_loss(self.decoder(feat.flatten(0, 1)), frames)
         reward = self.reward_head.loss(self.reward_head(feat[:, 1:]), batch.reward[:, :-1])
         cont = F.binary_cross_entropy_with_logits(self.cont_head(feat[:, 1:]), batch.cont[:, :-1])
-        dyn, rep, dyn_raw = kl_losses(post.logits, prior_logits, self.config.loss.free_bits)
-        lc = self.config.loss
-        total = rec + reward + cont + lc.dyn_scale * dyn + lc.rep_scale * rep
-        nll = token_nll(post.stoch[:, 1:], prior_logits[:, 1:]).mean()
-        metrics = {
-            "loss/total": total, "loss/rec": rec, "loss/reward": reward, "loss/cont": cont,
-            "loss/dyn": dyn, "loss/rep": rep, "kl/dyn_raw": dyn_raw, "token_nll": nll,
-        }  # fmt: skip
-        return total, {k: v.detach() for k, v in metrics.items()}
+        kl = kl_losses(post.logits, prior_logits, self.config.loss.free_bits)
+        nll = token_nll(post.stoch[:, 1:], prior_logits[:, 1:]).mean().detach()
+        return self.total_loss(rec, reward, cont, PriorLosses(*kl, nll))
 
     # ------------------------------------------------------------- evaluation
-    def imagine(
-        self,
-        context_obs: Tensor,
-        context_actions: Tensor,
-        future_actions: Tensor,
-        *,
-        mode: ImagineMode = "sample",
+    def _rollout(
+        self, obs: Tensor, actions: Tensor, future: Tensor, mode: ImagineMode, use_cache: bool
     ) -> Rollout:
-        """Observe C context frames, then roll the prior open-loop for H frames.
-
-        The first imagined step takes the last context action, then ``future_actions``.
-        ``Rollout.reward[:, k-1]``/``cont[:, k-1]`` are read from imagined state k (the
-        transition into it). Runs in eval mode without gradients; restores the mode.
-
-        Shapes:
-            context_obs ``[B, C, 3, S, S]``, context_actions ``[B, C]``,
-            future_actions ``[B, H-1]`` -> obs ``[B, H, 3, S, S]`` in [0, 1],
-            reward and cont ``[B, H]``.
-        """
-        if mode not in ("sample", "mode"):
-            raise ValueError(f"mode must be 'sample' or 'mode', got {mode!r}")
-        b = context_obs.shape[0]
-        if future_actions.dim() != 2 or future_actions.shape[0] != b:
-            raise ValueError(f"future_actions must be [B, H-1], got {tuple(future_actions.shape)}")
-        self._check_actions(future_actions)
-        with evaluating(self):
-            post, _ = self._observe(self.embed(context_obs), context_actions, None, mode)
-            state = RSSMState(post.deter[:, -1], post.stoch[:, -1], post.logits[:, -1])
-            actions = torch.cat([context_actions[:, -1:], future_actions], 1)
-            states = []
-            for k in range(actions.shape[1]):
-                state = self.img_step(state, actions[:, k], mode=mode, check=False)
-                states.append(state)
-            feat = _stack(states).feat
-            return Rollout(
-                obs=self.decode(feat).clamp(0.0, 1.0),
-                reward=self.reward_head.predict(self.reward_head(feat)),
-                cont=torch.sigmoid(self.cont_head(feat)),
-            )
+        """:meth:`imagine` after its checks, in eval mode: observe the C context frames,
+        then roll the prior open-loop for H frames. The first imagined step takes the last
+        context action, then ``future``. ``Rollout.reward[:, k-1]``/``cont[:, k-1]`` are read
+        from imagined state k (the transition into it). The recurrent state is this model's
+        cache, so ``use_cache`` changes nothing here."""
+        post, _ = self._observe(self.embed(obs), actions, None, mode, check=False)  # checked
+        state = RSSMState(post.deter[:, -1], post.stoch[:, -1], post.logits[:, -1])
+        steps = torch.cat([actions[:, -1:], future], 1)
+        states = []
+        for k in range(steps.shape[1]):
+            state = self.img_step(state, steps[:, k], mode=mode, check=False)
+            states.append(state)
+        feat = _stack(states).feat
+        return Rollout(
+            obs=self.decode(feat).clamp(0.0, 1.0),
+            reward=self.reward_head.predict(self.reward_head(feat)),
+            cont=torch.sigmoid(self.cont_head(feat)),
+        )
 
     def reconstruct(
         self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"
@@ -364,14 +311,14 @@ class RSSMWorldModel(nn.Module):
         A recurrent model needs the actions; without them action 0 (NOOP in ALE) is
         assumed at every step. Eval mode, no gradients.
         """
-        action = action if action is not None else obs.new_zeros(obs.shape[:2], dtype=torch.long)
+        action = self.default_actions(obs, action)
         with evaluating(self):
             post, _ = self._observe(self.embed(obs), action, None, mode)
             return self.decode(post.feat).clamp(0.0, 1.0)
 
     def posterior_log_probs(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
         """``q(z_t | h_t, o_t)`` as log-probabilities (argmax filtering): ``[B, T, K, V]``."""
-        action = action if action is not None else obs.new_zeros(obs.shape[:2], dtype=torch.long)
+        action = self.default_actions(obs, action)
         with evaluating(self):
             return self._observe(self.embed(obs), action, None, "mode")[0].logits
 

@@ -10,7 +10,8 @@ Two token layouts (``TransformerConfig.token_layout``):
   seen both ``z_t`` and ``a_t``; the outputs at latent tokens are not used.
 
 The KV cache stores the *projected* keys and values of every layer (not the layer inputs,
-which would make each imagination step re-project the whole history; PITFALLS.md).
+which would make each imagination step re-project the whole history, a slip seen in
+public implementations).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TransformerConfig
+from ..utils import evaluating
+from . import speedups
 
 POS_INIT_STD = 0.02
 """Std of the learned positional table at initialisation (GPT-style)."""
@@ -58,8 +61,9 @@ class ActionMixer(nn.Module):
         return self.net(torch.cat([z, one_hot], -1))
 
     @staticmethod
-    def hidden(out: Tensor) -> Tensor:
-        """Transformer outputs ``[B, T, D]`` -> per-step ``h_t`` ``[B, T, D]`` (identity)."""
+    def states(out: Tensor) -> Tensor:
+        """Transformer outputs ``[B, T, D]`` -> the states ``h_t`` ``[B, T, D]``: one token
+        per step, so every output is one."""
         return out
 
 
@@ -84,74 +88,71 @@ class InterleavedEmbedding(nn.Module):
         return tokens.flatten(1, 2)
 
     @staticmethod
-    def hidden(out: Tensor) -> Tensor:
-        """Outputs ``[B, 2T, D]`` -> ``h_t`` read at the action tokens ``[B, T, D]``."""
+    def states(out: Tensor) -> Tensor:
+        """Transformer outputs ``[B, 2T, D]`` -> the states ``h_t`` ``[B, T, D]``, read at
+        the action tokens."""
         return out[:, 1::2]
 
 
-class KVCache:
-    """Preallocated projected keys and values of every layer, with a fill ``length``.
+class LayerCache:
+    """The projected keys and values one attention layer has seen, preallocated.
 
-    Tensors are allocated once, ``[B, heads, capacity, d_head]`` per layer, and never grow.
-    :class:`CausalTransformer` writes a chunk of ``n`` tokens at ``length`` in every layer
-    (:meth:`append`) and then moves ``length`` on by ``n`` (:meth:`advance`).
-    Create one with :meth:`CausalTransformer.new_cache`.
+    ``keys`` and ``values`` are ``[B, heads, capacity, d_head]``, allocated once and never
+    grown; ``length`` positions are filled. The protocol is one call:
+    :meth:`append` writes a chunk at ``length``, moves ``length`` on and returns
+    everything so far. The cache holds projected keys and values, not layer inputs, so an
+    imagination step never re-projects the history.
     """
 
     def __init__(
-        self,
-        *,
-        layers: int,
-        batch: int,
-        heads: int,
-        capacity: int,
-        head_dim: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+        self, batch: int, heads: int, capacity: int, head_dim: int,
+        device: torch.device, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
         shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.batch, self.capacity, self.length = batch, capacity, 0
 
-    def check(self, n: int) -> None:
-        """Raise ``ValueError`` unless ``n`` more tokens fit."""
-        if self.length + n > self.capacity:
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``keys, values [B, heads, n, d_head]`` at positions ``length..length+n-1``;
+        return all keys and values so far, ``[B, heads, length, d_head]`` (after the move)."""
+        end = self.length + keys.shape[2]
+        if end > self.capacity:
             raise ValueError(
                 f"KV cache capacity {self.capacity} tokens exceeded: asked to write positions "
-                f"{self.length}..{self.length + n - 1}"
+                f"{self.length}..{end - 1}"
             )
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k, v [B, heads, n, d_head]`` at ``length``; return all ``[.., length+n, ..]``."""
-        n = k.shape[2]
-        self.check(n)
-        if k.shape[0] != self.batch:
-            raise ValueError(f"KV cache holds batch {self.batch}, got batch {k.shape[0]}")
-        end = self.length + n
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        """Mark ``n`` more positions as filled (after every layer has appended them)."""
-        self.check(n)
-        self.length += n
+        if keys.shape[0] != self.batch:
+            raise ValueError(f"KV cache holds batch {self.batch}, got batch {keys.shape[0]}")
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-def chunk_mask(n: int, start: int, device: torch.device) -> tuple[Tensor | None, bool]:
-    """Attention mask for ``n`` queries at positions ``start..start+n-1``.
+class KVCache(list[LayerCache]):
+    """One :class:`LayerCache` per Transformer layer, made by
+    :meth:`CausalTransformer.new_cache`; ``length`` is the number of positions seen."""
 
-    Returns ``(mask, is_causal)`` for ``scaled_dot_product_attention``: a chunk from
-    position 0 uses the fused causal kernel; one query attends to everything cached;
-    otherwise a boolean ``[n, start+n]`` mask, True where key ``j <= start + i``.
+    @property
+    def length(self) -> int:
+        return self[0].length
+
+
+def attention(queries: Tensor, keys: Tensor, values: Tensor, start: int, dropout: float) -> Tensor:
+    """Causal scaled dot-product attention: ``softmax(Q K^T / sqrt(d_head)) V``.
+
+    Queries ``[B, h, N, d_head]`` sit at positions ``start..start+N-1``; keys and values
+    ``[B, h, start+N, d_head]`` cover positions ``0..start+N-1``; query ``i`` sees keys
+    ``j <= start + i``. Returns ``[B, h, N, d_head]``. With the speed-ups on, PyTorch's
+    fused kernel computes the same (``speedups.fused_attention``).
     """
-    if start == 0:
-        return None, n > 1
-    if n == 1:
-        return None, False
-    rows = torch.arange(n, device=device).unsqueeze(1) + start
-    return torch.arange(start + n, device=device).unsqueeze(0) <= rows, False
+    if speedups.enabled():
+        return speedups.fused_attention(queries, keys, values, start, dropout)
+    scores = queries @ keys.transpose(-1, -2) / queries.shape[-1] ** 0.5
+    visible = speedups.causal_mask(queries.shape[2], start, queries.device)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return F.dropout(probs, dropout) @ values
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,39 +165,32 @@ class CausalSelfAttention(nn.Module):
         self.heads, self.head_dim, self.dropout = cfg.heads, cfg.width // cfg.heads, cfg.dropout
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, N, D]`` -> queries, keys, values, each ``[B, heads, N, d_head]``."""
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # [B, N, 3, h, dh]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, N, dh]
-        return q, k, v
+        queries, keys, values = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return queries, keys, values
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """``[B, N, D] -> [B, N, D]`` (heads concatenated, before the output projection)."""
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """``[B, N, D] -> [B, N, D]`` (heads concatenated, before the output projection).
+        With a cache, ``x`` continues the cached positions and is appended to it."""
         b, n, d = x.shape
-        q, k, v = self._split(x)
+        queries, keys, values = self._project(x)
         start = 0
         if cache is not None:
             start = cache.length
-            k, v = cache.append(layer, k, v)  # [B, h, start+N, dh]
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        mask, causal = chunk_mask(n, start, x.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # [B, h, N, dh]
+            keys, values = cache.append(keys, values)  # [B, h, start+N, dh]
+            keys, values = keys.to(queries.dtype), values.to(queries.dtype)
+        out = attention(queries, keys, values, start, self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, n, d)
 
-    def weights(self, x: Tensor) -> Tensor:
-        """Explicit causal attention weights ``[B, N, D] -> [B, h, N, N]`` (for figures)."""
-        q, k, _ = self._split(x)
-        n = x.shape[1]
-        scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """Causal attention probabilities ``[B, N, D] -> [B, h, N, N]`` (for figures)."""
+        queries, keys, _ = self._project(x)
+        scores = (queries.float() @ keys.float().transpose(-1, -2)) / self.head_dim**0.5
+        visible = speedups.causal_mask(x.shape[1], 0, x.device)
+        return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
 
 class Block(nn.Module):
@@ -218,9 +212,12 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = self.ln1(x + self.drop(self.proj(self.attn(x, cache, layer))))
-        return self.ln2(x + self.drop(self.ffn(x)))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """``[B, N, D] -> [B, N, D]``; with a cache, ``x`` continues the cached positions."""
+        attended = self.proj(self.attn(x, cache))
+        x = self.ln1(x + self.drop(attended))
+        transformed = self.ffn(x)
+        return self.ln2(x + self.drop(transformed))
 
 
 class CausalTransformer(nn.Module):
@@ -248,16 +245,14 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
 
     def new_cache(self, batch: int) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``max_tokens``, on the model's device."""
+        """An empty cache, one :class:`LayerCache` per block, for ``batch`` sequences of up
+        to ``max_tokens``, on the model's device."""
+        cfg = self.cfg
         return KVCache(
-            layers=self.cfg.layers,
-            batch=batch,
-            heads=self.cfg.heads,
-            capacity=self.max_tokens,
-            head_dim=self.cfg.width // self.cfg.heads,
-            device=self.pos.device,
-            dtype=self.pos.dtype,
-        )
+            LayerCache(batch, cfg.heads, self.max_tokens, cfg.width // cfg.heads,
+                       self.pos.device, self.pos.dtype)
+            for _ in self.blocks
+        )  # fmt: skip
 
     def _embed(self, x: Tensor, start: int) -> Tensor:
         n = x.shape[1]
@@ -270,27 +265,19 @@ class CausalTransformer(nn.Module):
         return self.pos_ln(x + self.pos[start : start + n])
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        start = 0 if cache is None else cache.length
-        x = self._embed(x, start)
-        if cache is not None:
-            cache.check(x.shape[1])
+        """Tokens ``[B, N, D] -> [B, N, D]``; with a cache, they continue its positions."""
+        x = self._embed(x, 0 if cache is None else cache.length)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        if cache is not None:
-            cache.advance(x.shape[1])
+            x = block(x, None if cache is None else cache[i])
         return x
 
-    @torch.no_grad()
     def attention_maps(self, x: Tensor) -> Tensor:
-        """Attention weights of every layer for a full sequence from position 0, in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        """Attention probabilities of every layer for a full sequence from position 0, in
+        eval mode: ``[B, N, D] -> [layers, B, heads, N, N]``."""
+        with evaluating(self):
             x = self._embed(x, 0)
             maps = []
             for block in self.blocks:
-                maps.append(block.attn.weights(x))
+                maps.append(block.attn.attention_probs(x))
                 x = block(x)
             return torch.stack(maps)
-        finally:
-            self.train(was_training)

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, MaskGITConfig
-from ..losses import draw_index, unimix_logits
-from .heads import DynamicsHead, PriorLosses
+from ..losses import free_bits_clamp
+from .heads import PriorHead, PriorLosses
+from .vae import draw_index, unimix_logits
 
 POS_INIT_STD = 0.02
 """Std of the learned positions and the codebook at initialisation (BERT-style)."""
@@ -104,7 +105,7 @@ class MaskGITPrior(nn.Module):
         super().__init__()
         if cfg.width % cfg.heads:
             raise ValueError(f"MaskGIT width {cfg.width} not divisible by heads {cfg.heads}")
-        self.k, self.v, self.unimix, self.cfg = categoricals, classes, unimix, cfg
+        self.categoricals, self.classes, self.unimix, self.cfg = categoricals, classes, unimix, cfg
         self.mask_id = classes
         w = cfg.width
         self.codebook = nn.Embedding(classes + 1, w)  # row V is [MASK]
@@ -132,14 +133,14 @@ class MaskGITPrior(nn.Module):
         """
         x = torch.cat([self.cond(h)[:, None], self.codebook(tokens).to(h.dtype)], 1)
         xi = self.mlm(self.blocks(x + self.pos)[:, 1:])  # [N, K, W]
-        logits = xi @ self.codebook.weight[: self.v].t().to(xi.dtype) + self.bias  # tying
+        logits = xi @ self.codebook.weight[: self.classes].t().to(xi.dtype) + self.bias  # tying
         return unimix_logits(logits, self.unimix)
 
     def forward(self, h: Tensor) -> Tensor:
         """All-masked prediction ``[..., D] -> [..., K, V]`` (the one-pass draft's)."""
         flat = h.reshape(-1, h.shape[-1])
-        masked = torch.full((flat.shape[0], self.k), self.mask_id, device=h.device)
-        return self.log_probs(flat, masked).reshape(*h.shape[:-1], self.k, self.v)
+        masked = torch.full((flat.shape[0], self.categoricals), self.mask_id, device=h.device)
+        return self.log_probs(flat, masked).reshape(*h.shape[:-1], self.categoricals, self.classes)
 
     # ----------------------------------------------------------------------- training
     def losses(
@@ -171,10 +172,10 @@ class MaskGITPrior(nn.Module):
         if mask is None:
             mask = cosine_mask(tuple(index.shape), h.device)
         tokens = index.masked_fill(mask, self.mask_id)
-        prior = self.log_probs(h.reshape(-1, h.shape[-1]), tokens.reshape(-1, self.k))
-        prior = prior.reshape(*lead, self.k, self.v)
+        prior = self.log_probs(h.reshape(-1, h.shape[-1]), tokens.reshape(-1, self.categoricals))
+        prior = prior.reshape(*lead, self.categoricals, self.classes)
         weight = mask.to(prior.dtype)
-        weight = weight * self.k / weight.sum(-1, keepdim=True).clamp(min=1.0)  # K / M
+        weight = weight * self.categoricals / weight.sum(-1, keepdim=True).clamp(min=1.0)  # K / M
 
         def per_frame(x: Tensor) -> Tensor:  # [B, T, K] -> [B, T]
             return (x * weight).sum(-1)
@@ -182,13 +183,7 @@ class MaskGITPrior(nn.Module):
         dyn_raw = per_frame((post.detach().exp() * (post.detach() - prior)).sum(-1)).mean()
         rep_raw = per_frame((post.exp() * (post - prior.detach())).sum(-1)).mean()
         nll = per_frame(-(z.detach() * prior).sum(-1)).mean()
-        floor = torch.tensor(free_bits, device=h.device, dtype=dyn_raw.dtype)
-        return PriorLosses(
-            torch.maximum(floor, dyn_raw),
-            torch.maximum(floor, rep_raw),
-            dyn_raw.detach(),
-            nll.detach(),
-        )
+        return PriorLosses(*free_bits_clamp(dyn_raw, rep_raw, free_bits), nll.detach())
 
     # ----------------------------------------------------------------------- sampling
     def fill(self, h: Tensor, tokens: Tensor, groups: Tensor, mode: str) -> Tensor:
@@ -219,26 +214,30 @@ class MaskGITPrior(nn.Module):
         """
         cfg, flat = self.cfg, h.reshape(-1, h.shape[-1])
         n = flat.shape[0]
-        tokens = torch.full((n, self.k), self.mask_id, device=h.device)
+        tokens = torch.full((n, self.categoricals), self.mask_id, device=h.device)
         tokens = self.fill(
-            flat, tokens, random_partition(n, self.k, cfg.draft_rounds, h.device), mode
+            flat, tokens, random_partition(n, self.categoricals, cfg.draft_rounds, h.device), mode
         )
         for _ in range(cfg.revise_repeats):
-            groups = random_partition(n, self.k, cfg.revise_rounds, h.device)
+            groups = random_partition(n, self.categoricals, cfg.revise_rounds, h.device)
             tokens = self.fill(flat, tokens, groups, mode)
-        return F.one_hot(tokens, self.v).to(h.dtype).reshape(*h.shape[:-1], self.k, self.v)
+        return (
+            F.one_hot(tokens, self.classes)
+            .to(h.dtype)
+            .reshape(*h.shape[:-1], self.categoricals, self.classes)
+        )
 
 
-def build_dynamics_head(config: Config, width: int) -> DynamicsHead | MaskGITPrior:
+def build_prior_head(config: Config, width: int) -> PriorHead | MaskGITPrior:
     """The prior ``p(z_{t+1} | h_t)`` chosen by ``config.heads.dynamics_head``.
 
-    ``"mlp"``: STORM's :class:`DynamicsHead`; ``"maskgit"``: :class:`MaskGITPrior` sized
+    ``"mlp"``: STORM's :class:`PriorHead`; ``"maskgit"``: :class:`MaskGITPrior` sized
     by ``config.maskgit``. Both take ``h [..., D=width]`` and offer ``forward`` (log-probs
     ``[..., K, V]``), ``sample(h, mode)`` and ``losses(h, post, z, free_bits)``.
     """
     vae, head = config.vae, config.heads.dynamics_head
     if head == "mlp":
-        return DynamicsHead(width, vae.categoricals, vae.classes, vae.unimix)
+        return PriorHead(width, vae.categoricals, vae.classes, vae.unimix)
     if head == "maskgit":
         return MaskGITPrior(width, vae.categoricals, vae.classes, vae.unimix, config.maskgit)
     raise ValueError(f"dynamics_head must be 'mlp' or 'maskgit', got {head!r}")

