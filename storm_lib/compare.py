@@ -167,6 +167,6 @@ def compare_priors(
             "ms_train_step_history": 1000.0 * history.train_seconds / max(steps, 1.0),
             "ms_rollout": ms_roll,
             "steps": steps,
-            "params_prior": sum(p.numel() for p in model.prior.parameters()) / 1e6,
+            "params_prior": sum(p.numel() for p in model.parts()["prior head"].parameters()) / 1e6,
         }
     return PriorComparison(psnr=psnr, metrics=metrics, profile=config.name)

@@ -273,7 +273,9 @@ def _entropy(model: RolloutModel, obs: Tensor, action: Tensor) -> Tensor | None:
     return -(log_probs.exp() * log_probs).sum(-1).mean(-1)
 
 
-def _imagine(model: RolloutModel, chunk: Batch, context: int, horizon: int, mode: str) -> Tensor:
+def _imagine(
+    model: RolloutModel, chunk: Batch, context: int, horizon: int, mode: ImagineMode
+) -> Tensor:
     """``[b, H, 3, S, S]`` open-loop predictions of frames C+1..C+H, clamped to [0, 1]."""
     out = model.imagine(
         chunk.obs[:, :context],
@@ -292,7 +294,7 @@ def _imagine_seeded(
     chunk: Batch,
     context: int,
     horizon: int,
-    mode: str,
+    mode: ImagineMode,
     seed: int,
     device: torch.device,
 ) -> Tensor:

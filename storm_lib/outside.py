@@ -306,8 +306,8 @@ class DreamerAdapter:
         self.encode, self.observe, self.img_step, self.decode = encode, observe, img_step, decode
         self.action_dim, self.pixels, self.actions = action_dim, pixels, actions
         self.channels_last, self.last_state = channels_last, last_state
-        if not reconstruct:
-            self.reconstruct = None  # type: ignore[assignment]
+        if reconstruct:  # an attribute only when offered: evaluation looks for it
+            self.reconstruct = self._decode_posteriors
 
     def _to_model(self, obs: Tensor) -> Tensor:
         x = {"0-1": obs, "0-255": obs * 255.0, "-0.5-0.5": obs - 0.5}[self.pixels]
@@ -345,8 +345,9 @@ class DreamerAdapter:
             frames.append(self._from_model(self.decode(state)))
         return torch.stack(frames, 1)
 
-    def reconstruct(self, obs: Tensor, action: Tensor) -> Tensor:
-        """Observe every frame and decode each posterior state: ``[B, T, 3, S, S]``."""
+    def _decode_posteriors(self, obs: Tensor, action: Tensor) -> Tensor:
+        """``reconstruct``: observe every frame and decode each posterior state,
+        ``[B, T, 3, S, S]``."""
         states = self._observe(obs, action)
         frames = [self.decode(_index_time(states, t)) for t in range(obs.shape[1])]
         return self._from_model(torch.stack(frames, 1))

@@ -69,8 +69,10 @@ class RewardHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, cfg: HeadsConfig) -> None:
         super().__init__()
         self.net = mlp(in_dim, hidden, cfg.reward_bins, cfg.mlp_layers)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        out = self.net[-1]
+        assert isinstance(out, nn.Linear)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
         self.two_hot = TwoHot(cfg.reward_bins, cfg.reward_low, cfg.reward_high)
 
     def forward(self, h: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ def _folded_conv(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d, x: Te
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     if isinstance(conv, nn.ConvTranspose2d):  # weight [in, out, k, k]
+        assert isinstance(conv.padding, tuple)  # never "same" for a transposed conv
         weight = conv.weight * scale.view(1, -1, 1, 1)
         return F.conv_transpose2d(
             x, weight, shift, conv.stride, conv.padding, conv.output_padding, conv.groups,

@@ -278,6 +278,7 @@ class CausalTransformer(nn.Module):
             x = self._embed(x, 0)
             maps = []
             for block in self.blocks:
+                assert isinstance(block, Block)
                 maps.append(block.attn.attention_probs(x))
                 x = block(x)
             return torch.stack(maps)
