@@ -1,4 +1,5 @@
-"""Collection from the real Atari game: ``collect()`` writes one ``.npz`` file.
+"""The real Atari game: ``collect()`` writes one ``.npz`` file of experience, and
+``twin_futures()`` measures how predictable the game itself is.
 
 Preprocessing follows STORM / DreamerV3: ``frameskip`` emulator frames per agent step with
 the last two max-pooled, sticky actions inside the emulator (ALE v5), the game's minimal
@@ -17,6 +18,7 @@ resized in batches with PyTorch's antialiased bilinear filter, which equals PIL'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +214,94 @@ def collect(
     )  # fmt: skip
     arrays = dict(obs=obs, action=actions.astype(np.int64), reward=reward, cont=cont)
     return write_npz(path, dict(arrays, episode=episode), meta)
+
+
+@dataclass
+class TwinFutures:
+    """Two real futures of the same states under the same actions (:func:`twin_futures`).
+
+    Shapes:
+        psnr: ``[count, H]`` dB between the twins, ``cap`` where they are identical.
+        copy_last: ``[count, H]`` dB of the last frame before the split against the first twin.
+    """
+
+    psnr: np.ndarray
+    copy_last: np.ndarray
+    cap: float
+
+    @property
+    def identical(self) -> np.ndarray:
+        """``[H]`` share of the states whose twins are still identical at each step."""
+        return (self.psnr >= self.cap).mean(0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``[H]`` mean PSNR: what a world model that samples the game's own randomness
+        perfectly would score against the truth, in the protocol's units (same cap)."""
+        return self.psnr.mean(0)
+
+
+def twin_futures(
+    env_id: str = "ALE/Boxing-v5",
+    *,
+    count: int = 256,
+    horizon: int = 10,
+    seed: int = 7,
+    image_size: int = 64,
+    frameskip: int = 4,
+    sticky_prob: float = 0.25,
+    cap: float = 100.0,
+) -> TwinFutures:
+    """How predictable is the game itself, given the actions?
+
+    A uniformly random policy plays from ``env.reset(seed)``; at ``count`` states along the
+    way, the same ``horizon`` random actions are played twice from one emulator state.
+    Sticky actions are drawn by ALE's own RNG, which ``cloneState`` does not copy, so the
+    twins differ exactly as two draws of the real game do. Frames are preprocessed as
+    :func:`collect` stores them. With ``sticky_prob=0`` every pair is identical.
+    """
+    if count < 1 or horizon < 1:
+        raise DataError(f"count and horizon must be >= 1, got {count}, {horizon}")
+    env = _make_env(env_id, frameskip, sticky_prob)
+    env.reset(seed=seed)
+    ale, action_set = env.unwrapped.ale, env.unwrapped._action_set
+    rng = np.random.default_rng(seed)
+    height, width = ale.getScreenDims()
+    prev, cur = np.empty((height, width, 3), np.uint8), np.empty((height, width, 3), np.uint8)
+
+    def step(action: int) -> np.ndarray:
+        for k in range(frameskip):
+            ale.act(action)
+            if k == frameskip - 2:
+                ale.getScreenRGB(prev)
+        ale.getScreenRGB(cur)
+        return np.maximum(cur, prev) if frameskip > 1 else cur.copy()
+
+    def frames(raw: list[np.ndarray]) -> np.ndarray:
+        out = np.empty((len(raw), 3, image_size, image_size), np.uint8)
+        _resize(np.stack(raw), out)
+        return out.astype(np.float32) / 255.0
+
+    def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        mse = ((a - b) ** 2).mean(axis=(-3, -2, -1))
+        return np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-30)), cap)
+
+    twins, copies = np.empty((count, horizon)), np.empty((count, horizon))
+    try:
+        for i in range(count):
+            for _ in range(rng.integers(5, 60)):  # move on to a new state
+                step(action_set[rng.integers(len(action_set))])
+                if ale.game_over():
+                    env.reset()
+            last = frames([step(action_set[rng.integers(len(action_set))])])[0]
+            state = ale.cloneState()
+            actions = [action_set[k] for k in rng.integers(len(action_set), size=horizon)]
+            first = frames([step(a) for a in actions])
+            ale.restoreState(state)
+            second = frames([step(a) for a in actions])
+            twins[i], copies[i] = psnr(first, second), psnr(first, last)
+            if ale.game_over():
+                env.reset()
+    finally:
+        env.close()
+    return TwinFutures(psnr=twins, copy_last=copies, cap=cap)

@@ -32,7 +32,7 @@ from .evaluate import RolloutPSNR, rollout_psnr
 from .models import WorldModel
 from .train import History, TrainStep
 from .types import Batch
-from .utils import default_device, median_ms
+from .utils import default_device, median_ms, private_rng
 from .workflow import train_or_load
 
 HEADS: dict[str, Literal["mlp", "maskgit"]] = {"MLP prior": "mlp", "MaskGIT prior": "maskgit"}
@@ -156,8 +156,7 @@ def compare_priors(
         last_val = history.val[-1] if history.val else {}
         last_train = history.train[-1] if history.train else {}
         steps = float(last_train.get("step", 0))
-        with torch.inference_mode():
-            torch.manual_seed(ev.seed)
+        with private_rng(ev.seed, device):
             ms_roll = _ms_rollout(model, roll_batch, ev.context, repeats)
         metrics[name] = {
             "perplexity": ppl["perplexity"],

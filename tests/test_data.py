@@ -286,3 +286,14 @@ def test_unknown_env_id(tmp_path):
 def test_meta_is_json_not_pickle(boxing_file):
     with np.load(boxing_file, allow_pickle=False) as npz:
         assert json.loads(str(npz["meta"]))["action_dim"] == 18
+
+
+def test_twin_futures_differ_only_through_sticky_actions() -> None:
+    from storm_lib.atari import twin_futures
+
+    still = twin_futures(count=3, horizon=4, sticky_prob=0.0)
+    assert still.psnr.shape == (3, 4) and (still.psnr == still.cap).all()
+    assert (still.identical == 1.0).all()
+    sticky = twin_futures(count=12, horizon=4, sticky_prob=0.25)
+    assert (sticky.psnr < sticky.cap).any()  # some twins part ways
+    assert np.isfinite(sticky.copy_last).all() and (sticky.copy_last < sticky.cap).any()
