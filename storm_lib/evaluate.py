@@ -358,32 +358,31 @@ def rollout_psnr(
     scores: dict[str, StepStats] = {}
     ceilings: dict[str, StepStats] = {}
     entropy: dict[str, float] = {}
-    with torch.inference_mode():
-        for name, model in models.items():
-            dev = _model_device(model, device)
-            rows, ceil, ent = [], [], []
-            with evaluating(model, seed, dev):
-                chunks = windows.chunks(batch_size)
-                for chunk in tqdm(chunks, desc=f"rollout PSNR {name}", disable=not progress):
-                    chunk = chunk.to(dev)
-                    target = chunk.obs[:, context : context + horizon]
-                    pred = _imagine(model, chunk, context, horizon, mode)
-                    rows.append(psnr(pred, target, cap=cap).cpu().numpy())
-                    if callable(getattr(model, "reconstruct", None)):  # optional (outside models)
-                        recon = _reconstruct(model, chunk.obs, chunk.action, mode)[:, context:]
-                        ceil.append(psnr(recon, target, cap=cap).cpu().numpy())
-                    ent.append(_entropy(model, chunk.obs, chunk.action))
-            scores[name] = StepStats.from_values(np.concatenate(rows))
-            if ceil:
-                ceilings[name] = StepStats.from_values(np.concatenate(ceil))
-            known = [e for e in ent if e is not None]
-            if known and len(known) == len(ent):
-                entropy[name] = float(torch.cat(known).mean())
-        target = windows.obs[:, context : context + horizon]
-        baselines = {
-            name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
-            for name, pred in baseline_predictions(windows.obs, context, horizon).items()
-        }
+    for name, model in models.items():
+        dev = _model_device(model, device)
+        rows, ceil, ent = [], [], []
+        with evaluating(model, seed, dev):
+            chunks = windows.chunks(batch_size)
+            for chunk in tqdm(chunks, desc=f"rollout PSNR {name}", disable=not progress):
+                chunk = chunk.to(dev)
+                target = chunk.obs[:, context : context + horizon]
+                pred = _imagine(model, chunk, context, horizon, mode)
+                rows.append(psnr(pred, target, cap=cap).cpu().numpy())
+                if callable(getattr(model, "reconstruct", None)):  # optional (outside models)
+                    recon = _reconstruct(model, chunk.obs, chunk.action, mode)[:, context:]
+                    ceil.append(psnr(recon, target, cap=cap).cpu().numpy())
+                ent.append(_entropy(model, chunk.obs, chunk.action))
+        scores[name] = StepStats.from_values(np.concatenate(rows))
+        if ceil:
+            ceilings[name] = StepStats.from_values(np.concatenate(ceil))
+        known = [e for e in ent if e is not None]
+        if known and len(known) == len(ent):
+            entropy[name] = float(torch.cat(known).mean())
+    target = windows.obs[:, context : context + horizon]
+    baselines = {
+        name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
+        for name, pred in baseline_predictions(windows.obs, context, horizon).items()
+    }
     return RolloutPSNR(scores, ceilings, baselines, entropy, context, horizon, seed, mode)
 
 
@@ -450,26 +449,24 @@ def action_sensitivity(
     )  # only the future actions change
     shuffled.action[:, future] = windows.action[partner, future]
     out: dict[str, ActionSensitivity] = {}
-    with torch.inference_mode():
-        for name, model in models.items():
-            dev = _model_device(model, device)
-            real, other, between = [], [], []
-            with evaluating(model, seed, dev):
-                chunks = windows.chunks(batch_size), shuffled.chunks(batch_size)
-                pairs = list(zip(*chunks, strict=True))
-                for i, (a, b) in enumerate(tqdm(pairs, desc=name, disable=not progress)):
-                    a, b = a.to(dev), b.to(dev)
-                    target = a.obs[:, context : context + horizon]
-                    pa, pb = (  # with the same sampling noise for both rollouts
-                        _imagine_seeded(model, x, context, horizon, mode, seed + i, dev)
-                        for x in (a, b)
-                    )
-                    real.append(psnr(pa, target, cap=cap).cpu().numpy())
-                    other.append(psnr(pb, target, cap=cap).cpu().numpy())
-                    between.append(psnr(pb, pa, cap=cap).cpu().numpy())
-            out[name] = ActionSensitivity(
-                *(StepStats.from_values(np.concatenate(v)) for v in (real, other, between))
-            )
+    for name, model in models.items():
+        dev = _model_device(model, device)
+        real, other, between = [], [], []
+        with evaluating(model, seed, dev):
+            chunks = windows.chunks(batch_size), shuffled.chunks(batch_size)
+            pairs = list(zip(*chunks, strict=True))
+            for i, (a, b) in enumerate(tqdm(pairs, desc=name, disable=not progress)):
+                a, b = a.to(dev), b.to(dev)
+                target = a.obs[:, context : context + horizon]
+                pa, pb = (  # with the same sampling noise for both rollouts
+                    _imagine_seeded(model, x, context, horizon, mode, seed + i, dev) for x in (a, b)
+                )
+                real.append(psnr(pa, target, cap=cap).cpu().numpy())
+                other.append(psnr(pb, target, cap=cap).cpu().numpy())
+                between.append(psnr(pb, pa, cap=cap).cpu().numpy())
+        out[name] = ActionSensitivity(
+            *(StepStats.from_values(np.concatenate(v)) for v in (real, other, between))
+        )
     return out
 
 

@@ -66,12 +66,16 @@ class WorldModel(nn.Module):
         if obs.dim() != 5 or tuple(obs.shape[2:]) != (3, s, s):
             raise ValueError(f"{what} must be [B, T, 3, {s}, {s}], got {tuple(obs.shape)}")
 
+    @staticmethod
+    def _check_integer(action: Tensor) -> None:
+        if action.is_floating_point() or action.dtype == torch.bool:
+            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
+
     def check_actions(self, action: Tensor) -> None:
         """Integer indices in ``[0, action_dim)``. Reading the range is a host sync, so it
         runs once per rollout or diagnostic call; ``loss`` skips it (``fit`` checks the
         data once instead)."""
-        if action.is_floating_point() or action.dtype == torch.bool:
-            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
+        self._check_integer(action)
         if action.numel() and bool(((action < 0) | (action >= self.action_dim)).any()):
             raise ValueError(
                 f"actions must be in [0, {self.action_dim}) for this model (action_dim="
@@ -89,8 +93,7 @@ class WorldModel(nn.Module):
             raise ValueError(
                 f"actions must be [B, T] = {tuple(obs.shape[:2])}, got {tuple(action.shape)}"
             )
-        if action.is_floating_point() or action.dtype == torch.bool:
-            raise ValueError(f"actions must be integer indices, got dtype {action.dtype}")
+        self._check_integer(action)
         if self.max_length is not None and obs.shape[1] > self.max_length:
             raise ValueError(f"{what} has {obs.shape[1]} steps > max_length={self.max_length}")
         if values:
