@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_checkpoint(args.ckpt, device, kind=args.model, action_dim=data.action_dim)
         hist = read_checkpoint(args.ckpt, device)["history"]
+        config.train = model.config.train  # the row describes the run that was trained
         train_hist, val_hist = hist["train"], hist["val"]
     else:
         seed_everything(config.train.seed)
