@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,27 +48,66 @@ def seed_everything(seed: int) -> None:
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
+# CPU flags (Linux /proc/cpuinfo) that mean bf16 matmuls and convolutions run natively in
+# oneDNN: AVX-512 BF16 (Cooper Lake, Zen 4 and newer) and AMX (Sapphire Rapids and newer).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as the kernel lists them; empty where there is no such file
+    (macOS, Windows), which the precision policy reads as "no native bf16"."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and the reason in words.
+
+    Without native support PyTorch emulates bf16 by converting to fp32 around every
+    kernel, which is slower than fp32 itself; with it, bf16 autocast makes a training
+    step of the ``cpu`` profile about 1.5x cheaper (``bench/bench_precision.py``).
+    """
+    flags = cpu_flags(cpuinfo)
+    found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"this CPU has {' and '.join(found)}"
+    if not flags:
+        return False, "no CPU flags to read (not Linux): bf16 is not known to be native here"
+    return False, f"this CPU has none of {', '.join(NATIVE_BF16_FLAGS)}: bf16 would be emulated"
+
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the precision policy ``precision`` on ``device`` (None: fp32).
 
     ``auto`` is bf16 on CUDA GPUs of compute capability 8.0 and newer (native bf16
-    kernels), fp16 below it (T4, V100: bf16 convolutions would miss cuDNN), and fp32 on
-    other devices (bf16 does not pay on CPUs without AMX). ``bf16``/``fp16``/``fp32``
-    force a choice on any device (CPU autocast included, for tests).
+    kernels) and fp16 below it (T4, V100: bf16 convolutions would miss cuDNN). On a CPU
+    it is bf16 where the CPU has native bf16 (:func:`cpu_bf16_support`), since the
+    side-by-side check of ``docs/precision.md`` showed that both world models train as
+    well under it as in fp32 at equal steps, and fp32 elsewhere (other devices too).
+    ``bf16``/``fp16``/``fp32`` force a choice on any device.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     fixed = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     if precision in fixed:
         return fixed[precision]
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_support()[0] else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def describe_precision(precision: str, device: torch.device) -> str:
-    """One line for the notebook's first cell, e.g. ``auto -> fp16 autocast + GradScaler``."""
+    """One line for the notebook's first cell: the choice and why, e.g.
+    ``precision auto -> bf16 autocast on cpu (this CPU has avx512_bf16; ...)``."""
     dtype = autocast_dtype(precision, device)
     if dtype is None:
         chosen = "fp32"
@@ -75,11 +115,17 @@ def describe_precision(precision: str, device: torch.device) -> str:
         chosen = "fp16 autocast + GradScaler"
     else:
         chosen = "bf16 autocast"
-    where = device.type
+    where, why = device.type, "asked for" if precision != "auto" else ""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    return f"precision {precision} -> {chosen} on {where}"
+        if precision == "auto":
+            why = "native bf16" if major >= 8 else "no fast bf16 below compute capability 8.0"
+    elif device.type == "cpu" and precision == "auto":
+        native, why = cpu_bf16_support()
+        if native:
+            why += "; bf16 trains as well as fp32 at equal steps (docs/precision.md)"
+    return f"precision {precision} -> {chosen} on {where}" + (f" ({why})" if why else "")
 
 
 def configure_device(device: torch.device) -> None:

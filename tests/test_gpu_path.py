@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from storm_lib import build_world_model, get_profile
+from storm_lib import build_world_model, get_profile, utils
 from storm_lib.checkpoint import read_checkpoint
 from storm_lib.data import TrajectoryData
 from storm_lib.train import _set_rng_state, fit
@@ -33,7 +33,8 @@ def split(actions: int = 4) -> tuple[TrajectoryData, TrajectoryData]:
 
 def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert autocast_dtype("auto", cpu) is None  # fp32 on CPU
+    monkeypatch.setattr(utils, "cpu_bf16_support", lambda: (False, "no native bf16"))
+    assert autocast_dtype("auto", cpu) is None  # fp32 on a CPU without native bf16
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("fp16", cpu) is torch.float16 and autocast_dtype("fp32", cuda) is None
     for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16)):  # T4, A100
@@ -41,8 +42,26 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
         assert autocast_dtype("auto", cuda) is dtype
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("fp8", cpu)
-    assert describe_precision("auto", cpu) == "precision auto -> fp32 on cpu"
+    assert describe_precision("auto", cpu) == "precision auto -> fp32 on cpu (no native bf16)"
+    monkeypatch.setattr(utils, "cpu_bf16_support", lambda: (True, "this CPU has avx512_bf16"))
+    assert autocast_dtype("auto", cpu) is torch.bfloat16  # native bf16: checked to train as well
+    assert describe_precision("auto", cpu).startswith(
+        "precision auto -> bf16 autocast on cpu (this CPU has avx512_bf16; bf16 trains as well"
+    )
+    assert describe_precision("fp32", cpu) == "precision fp32 -> fp32 on cpu (asked for)"
     assert all(get_profile(p).train.precision == "auto" for p in ("smoke", "cpu", "gpu", "paper"))
+
+
+def test_cpu_bf16_support_reads_the_cpu_flags(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert utils.cpu_bf16_support(info)[0] is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert utils.cpu_bf16_support(info) == (True, "this CPU has avx512_bf16")
+    info.write_text("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert utils.cpu_bf16_support(info) == (True, "this CPU has amx_bf16")
+    native, why = utils.cpu_bf16_support(tmp_path / "missing")  # macOS, Windows
+    assert native is False and "not Linux" in why
 
 
 @pytest.mark.parametrize("kind", ["storm", "rssm"])
