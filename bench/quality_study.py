@@ -12,6 +12,10 @@ line to ``--jsonl`` and as a markdown row to ``--md``:
   posterior (STORM: ``decode(vae.sample(encode(obs), "sample"))``; RSSM: filtering
   with sampled posteriors, then decoding its features), mean over steps C+1..C+H;
 * the posterior's mean entropy per categorical, in nats, over all frames of the windows;
+* the representation (``diagnostics.token_statistics`` on the same windows): categoricals
+  whose argmax changes between consecutive real frames, the same between two posterior
+  samples of one frame, the prior's wrong categoricals per frame and its accuracy on the
+  categoricals that change;
 * action sensitivity: PSNR of argmax rollouts with the real actions minus with the
   actions that lead into the imagined frames (``a_{C-1} .. a_{C+H-2}``: the last
   context action and the future ones) permuted across windows by one fixed
@@ -41,6 +45,7 @@ import torch
 
 from storm_lib.config import Config, get_profile
 from storm_lib.data import TrajectoryData
+from storm_lib.diagnostics import token_statistics
 from storm_lib.evaluate import psnr, rollout_psnr
 from storm_lib.models import build_world_model
 from storm_lib.train import fit
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     sample_ceiling, entropy = posterior_stats(model, windows, ev.context, ev.batch_size)
+    tokens = token_statistics(model, windows, batch_size=ev.batch_size, seed=ev.seed)
     eval_min = (time.perf_counter() - start) / 60.0
 
     def at(stats, steps=STEPS) -> list[float]:
@@ -239,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling_sample": round(sample_ceiling, 2),
         "entropy_nats": round(entropy, 3),
         "action_sens": [round(float(sens[k - 1]), 2) for k in SENS_STEPS],
+        "churn": round(float(tokens.changed.mean()), 2),
+        "churn_resampled": round(tokens.resampled, 2),
+        "prior_errors_per_frame": round(tokens.errors_per_frame, 2),
+        "prior_accuracy_on_changes": round(tokens.accuracy_on_changes, 3),
+        "precision": config.train.precision,
         "val_token_nll_final": round(final["token_nll"], 2),
         "val_token_nll_best": round(best["token_nll"], 2),
         "val_best_step": best["step"],
@@ -265,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| {cells(row['copy_last'])} | {row['ceiling_argmax']:.2f} | {row['ceiling_sample']:.2f} "
         f"| {row['entropy_nats']:.3f} | {cells(row['action_sens'])} "
         f"| {row['val_token_nll_final']:.2f} "
-        f"(best {row['val_token_nll_best']:.2f} @{row['val_best_step']}) |\n"
+        f"(best {row['val_token_nll_best']:.2f} @{row['val_best_step']}) "
+        f"| {row['churn']:.1f} / {row['churn_resampled']:.1f} "
+        f"| {row['prior_errors_per_frame']:.1f} | {row['prior_accuracy_on_changes']:.0%} |\n"
     )
     with open(md, "a") as f:
         f.write(line)
@@ -285,7 +298,8 @@ machine (not comparable between runs).
 MD_HEADER += (
     "| run | model | overrides | steps (BxT) | train min | PSNR sample 1/3/5/10 "
     "| PSNR argmax 1/3/5/10 | copy-last 1/3/5/10 | ceil argmax | ceil sample | entropy "
-    "| act sens 1/5/10 | val token nll final (best @step) |\n" + "|---" * 13 + "|\n"
+    "| act sens 1/5/10 | val token nll final (best @step) | churn real / resampled "
+    "| prior errors per frame | prior right on changes |\n" + "|---" * 16 + "|\n"
 )
 
 if __name__ == "__main__":

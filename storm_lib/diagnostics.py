@@ -5,7 +5,9 @@
 * token perplexity of the dynamics prior (GIT-STORM appendix K);
 * the notes' rule of thumb (a drop of more than 5 dB within 10 steps);
 * step time against sequence length for either backbone, and what it says about
-  attention's quadratic cost.
+  attention's quadratic cost;
+* token churn and per-categorical predictability: how many categoricals change between
+  real consecutive frames, and how often the prior predicts each one's next class.
 
 Glossary: B batch, T time, C context, H horizon, S image side.
 """
@@ -13,6 +15,7 @@ Glossary: B batch, T time, C context, H horizon, S image side.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from .config import Config
@@ -33,6 +37,7 @@ from .evaluate import (
     psnr,
 )
 from .models import WorldModel, build_world_model
+from .models.vae import draw_index
 from .train import TrainStep
 from .types import Batch, ImagineMode
 from .utils import autocast, default_device, evaluating, median_ms, private_rng
@@ -379,3 +384,167 @@ def attention_cost_sentence(
             f"{jl[idx[0]]}-{jl[idx[-1]]}) its slope is {local:.2f}, {verdict}"
         )
     return text + "."
+
+
+# ------------------------------------------------------------------ the representation
+@dataclass
+class TokenStatistics:
+    """What :func:`token_statistics` measured of one model's latents on real windows.
+
+    Token churn: for every pair of consecutive real frames, how many of the K categoricals
+    change their posterior argmax, beside how much of the frame changed. Per-categorical
+    predictability: how often the prior's argmax for ``z_{t+1}`` (teacher-forced, from
+    the real history) is the posterior's argmax, overall and on the steps where that
+    categorical changes (copying the last token is right on none of those).
+    """
+
+    pixel_change: np.ndarray
+    """``[N]`` share of the pixels of frame t+1 that differ from frame t by more than the
+    threshold in some channel (in Boxing, whose ring is static: the moving sprites and the
+    clock)."""
+    changed: np.ndarray
+    """``[N]`` categoricals whose posterior argmax differs between frames t and t+1."""
+    resampled: float
+    """Mean number of categoricals in which two posterior samples of the same frame differ:
+    the churn that sampling alone makes."""
+    change_rate: np.ndarray
+    """``[K]`` share of the N steps on which each categorical's argmax changes."""
+    accuracy: np.ndarray
+    """``[K]`` share of steps on which the prior's argmax is the next posterior argmax."""
+    accuracy_on_change: np.ndarray
+    """``[K]`` the same on the steps where that categorical changes (NaN if it never does)."""
+    accuracy_on_stay: np.ndarray
+    """``[K]`` the same on the steps where it keeps its class (NaN if it always changes)."""
+
+    @property
+    def categoricals(self) -> int:
+        return int(self.change_rate.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.changed.shape[0])
+
+    @property
+    def errors_per_frame(self) -> float:
+        """Mean number of categoricals per predicted frame whose argmax the prior misses."""
+        return float((1.0 - self.accuracy).sum())
+
+    @property
+    def errors_on_change_per_frame(self) -> float:
+        """The part of :attr:`errors_per_frame` made on categoricals that change."""
+        missed = self.change_rate * (1.0 - np.nan_to_num(self.accuracy_on_change, nan=1.0))
+        return float(missed.sum())
+
+    @property
+    def accuracy_on_changes(self) -> float:
+        """Share of all (step, categorical) changes whose new class the prior predicts."""
+        changes = self.change_rate.sum()
+        hits = (self.change_rate * np.nan_to_num(self.accuracy_on_change, nan=0.0)).sum()
+        return float(hits / changes) if changes > 0 else math.nan
+
+    def churn_by_pixel_change(self, edges: Sequence[float]) -> list[tuple[float, float, int]]:
+        """Per bin ``[edges[i], edges[i+1])`` of pixel change with any steps in it: ``(mean
+        pixel change, mean changed categoricals, steps)``."""
+        out = []
+        for low, high in itertools.pairwise(edges):
+            inside = (self.pixel_change >= low) & (self.pixel_change < high)
+            if inside.any():
+                out.append((float(self.pixel_change[inside].mean()),
+                            float(self.changed[inside].mean()), int(inside.sum())))  # fmt: skip
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (the per-step arrays are summarised, not listed)."""
+        return {
+            "steps": self.steps,
+            "categoricals": self.categoricals,
+            "mean_changed": float(self.changed.mean()),
+            "resampled": self.resampled,
+            "change_rate": self.change_rate.tolist(),
+            "accuracy": self.accuracy.tolist(),
+            "accuracy_on_change": [None if math.isnan(x) else x for x in self.accuracy_on_change],
+            "accuracy_on_stay": [None if math.isnan(x) else x for x in self.accuracy_on_stay],
+            "errors_per_frame": self.errors_per_frame,
+            "errors_on_change_per_frame": self.errors_on_change_per_frame,
+            "accuracy_on_changes": self.accuracy_on_changes,
+        }
+
+
+def _share(hits: Tensor, where: Tensor) -> np.ndarray:
+    """``[K]`` ``hits.sum / where.sum`` over the steps (dim 0), NaN where ``where`` is empty."""
+    count = where.sum(0).double()
+    rate = (hits & where).sum(0).double() / count.clamp(min=1)
+    return torch.where(count > 0, rate, torch.full_like(rate, math.nan)).numpy()
+
+
+def token_statistics(
+    model: WorldModel,
+    windows: Batch,
+    *,
+    batch_size: int = 64,
+    seed: int = 1234,
+    threshold: float = 0.1,
+    device: torch.device | str | None = None,
+) -> TokenStatistics:
+    """Token churn and per-categorical predictability of ``model`` on real ``windows``.
+
+    Every window goes through :meth:`WorldModel.latent_predictions` once (argmax latents,
+    the real history); each of its ``T - 1`` transitions counts once. Two posterior samples
+    of every frame (seeded, the caller's RNG untouched) give the churn of sampling alone.
+
+    Args:
+        model: any world model with ``latent_predictions`` (STORM, the RSSM).
+        windows: ``obs [N, T, 3, S, S]``, ``action [N, T]`` real windows (T >= 2).
+        batch_size: windows per forward pass.
+        seed: seed of the two posterior samples.
+        threshold: a pixel changes when some channel moves by more than this (of [0, 1]).
+        device: where the model runs (default its own device).
+
+    Returns:
+        :class:`TokenStatistics` over ``N * (T - 1)`` transitions.
+    """
+    dev = _model_device(model, device)
+    pixel, changed, resampled, hit, change = [], [], [], [], []
+    with evaluating(model, seed, dev):
+        for chunk in windows.chunks(batch_size):
+            chunk = chunk.to(dev)
+            latents = model.latent_predictions(chunk.obs, chunk.action)
+            post = latents.posterior.argmax(-1)  # [b, T, K]
+            moved = (chunk.obs[:, 1:] - chunk.obs[:, :-1]).abs().amax(2) > threshold
+            pixel.append(moved.flatten(2).double().mean(-1).flatten().cpu())
+            step = post[:, 1:] != post[:, :-1]  # [b, T-1, K]
+            changed.append(step.sum(-1).flatten().cpu())
+            change.append(step.flatten(0, 1).cpu())
+            hit.append((latents.prior.argmax(-1) == post[:, 1:]).flatten(0, 1).cpu())
+            probs = latents.posterior.exp()
+            draws = [draw_index(probs, "sample") for _ in range(2)]
+            resampled.append((draws[0] != draws[1]).sum(-1).flatten().double().cpu())
+    hits, changes = torch.cat(hit), torch.cat(change)  # [N, K]
+    return TokenStatistics(
+        pixel_change=torch.cat(pixel).numpy(),
+        changed=torch.cat(changed).numpy(),
+        resampled=float(torch.cat(resampled).mean()),
+        change_rate=changes.double().mean(0).numpy(),
+        accuracy=hits.double().mean(0).numpy(),
+        accuracy_on_change=_share(hits, changes),
+        accuracy_on_stay=_share(hits, ~changes),
+    )
+
+
+def token_sentence(stats: TokenStatistics, name: str) -> str:
+    """What :func:`token_statistics` says of one model, in two sentences."""
+    quiet = stats.pixel_change < 0.005
+    calm = (
+        f" ({stats.changed[quiet].mean():.1f} when under 0.5% of the pixels change)"
+        if quiet.any()
+        else ""
+    )
+    return (
+        f"{name}: between consecutive real frames {stats.changed.mean():.1f} of the "
+        f"{stats.categoricals} categoricals change their argmax"
+        f"{calm}, while two posterior samples of the same frame "
+        f"differ in {stats.resampled:.1f}. The prior gets {stats.errors_per_frame:.1f} "
+        f"categoricals of each next frame wrong, {stats.errors_on_change_per_frame:.1f} of "
+        f"them ones that change; of all changes it predicts {stats.accuracy_on_changes:.0%} "
+        f"(copying the last token: 0%)."
+    )

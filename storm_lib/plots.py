@@ -17,7 +17,7 @@ import torch
 from matplotlib import animation
 from matplotlib.figure import Figure
 
-from .diagnostics import SlidingWindowLoss
+from .diagnostics import SlidingWindowLoss, TokenStatistics
 from .evaluate import RolloutPSNR
 
 DPI = 100
@@ -494,3 +494,41 @@ __all__ = [
     "plot_val_loss_vs_time",
     "rollout_animation",
 ]
+
+
+def plot_token_statistics(stats: Mapping[str, TokenStatistics], bins: int = 8) -> Figure:
+    """Why the prior cannot predict the next token (``diagnostics.token_statistics``).
+
+    Left: categoricals whose argmax changes between consecutive real frames against the
+    share of pixels that changed (bins of equal count), with the churn of two posterior
+    samples of the same frame (dashed). Right: each categorical, ranked by how often it
+    changes: its change rate (dashed) and how often the prior predicts its new class when
+    it does change (solid).
+    """
+    fig, axes = _figure(1, 2, size=(11.5, 3.8))
+    left, right = axes[0]
+    for i, (name, s) in enumerate(stats.items()):
+        edges = np.unique(np.quantile(s.pixel_change, np.linspace(0, 1, bins + 1)))
+        edges[-1] = np.nextafter(edges[-1], np.inf)  # the largest change falls in the last bin
+        rows = s.churn_by_pixel_change(list(edges))
+        left.plot([100 * r[0] for r in rows], [r[1] for r in rows], marker="o", ms=3,
+                  color=f"C{i}", label=name)  # fmt: skip
+        left.axhline(s.resampled, color=f"C{i}", ls="--", lw=1,
+                     label=f"{name}: two samples of one frame")  # fmt: skip
+        order = np.argsort(-s.change_rate)
+        rank = np.arange(1, s.categoricals + 1)
+        right.plot(rank, s.change_rate[order], color=f"C{i}", ls="--", label=f"{name} change rate")
+        right.plot(rank, s.accuracy_on_change[order], color=f"C{i}", marker="o", ms=3,
+                   label=f"{name} prior right when it changes")  # fmt: skip
+    left.set_xlabel("pixels changed between frames t and t+1 (%)")
+    left.set_ylabel("categoricals that change argmax")
+    left.set_title("Token churn on real consecutive frames", fontsize=9)
+    right.set_xlabel("categorical, ranked by how often it changes")
+    right.set_ylabel("share of steps")
+    right.set_ylim(0, 1)
+    right.set_title("Per-categorical predictability (teacher-forced prior)", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -15,10 +15,14 @@ checkpoint format (``checkpoint``) serve every subclass.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
+from ..losses import token_nll
 from ..types import Batch, ImagineMode, Rollout
 from ..utils import evaluating
 from .heads import PriorLosses
@@ -28,6 +32,19 @@ METRICS = (
     "kl/dyn_raw", "token_nll",
 )  # fmt: skip
 """The metrics ``loss`` returns, in this order."""
+
+
+class LatentPredictions(NamedTuple):
+    """Teacher-forced latents of a window (:meth:`WorldModel.latent_predictions`).
+
+    Shapes:
+        posterior: ``[B, T, K, V]`` log-probabilities of ``q(z_t | ...)``.
+        prior: ``[B, T-1, K, V]`` log-probabilities of ``p(z_{t+1} | history up to t,
+        a_t)``, the prediction of ``posterior[:, 1:]``.
+    """
+
+    posterior: Tensor
+    prior: Tensor
 
 
 class WorldModel(nn.Module):
@@ -210,9 +227,18 @@ class WorldModel(nn.Module):
         """Teacher-forced predictions of frames 1..T-1: ``[B, T, ...] -> [B, T-1, 3, S, S]``."""
         raise NotImplementedError
 
-    def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
-        """Teacher-forced ``-log p_prior(z_{t+1})`` of the posterior argmax: ``[B, T-1]`` nats."""
+    def latent_predictions(self, obs: Tensor, action: Tensor) -> LatentPredictions:
+        """Posterior of every frame and the prior's prediction of the next one, from the
+        real history with argmax latents (eval mode, no gradients):
+        ``obs [B, T, 3, S, S], action [B, T] ->`` :class:`LatentPredictions`."""
         raise NotImplementedError
+
+    def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
+        """Teacher-forced ``-log p_prior(z_{t+1} | history)`` of the posterior argmax, in
+        nats: ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1]``."""
+        latents = self.latent_predictions(obs, action)
+        target = F.one_hot(latents.posterior[:, 1:].argmax(-1), self.classes)
+        return token_nll(target.to(latents.prior.dtype), latents.prior)
 
     @staticmethod
     def default_actions(obs: Tensor, action: Tensor | None) -> Tensor:

@@ -38,7 +38,7 @@ from ..config import Config
 from ..losses import kl_losses, token_nll
 from ..types import Batch, ImagineMode, Rollout
 from ..utils import evaluating
-from .base import WorldModel
+from .base import LatentPredictions, WorldModel
 from .heads import ContinueHead, PriorLosses, RewardHead
 from .vae import Decoder, Encoder, frames_for_convs, straight_through_sample, unimix_logits
 
@@ -334,8 +334,14 @@ class RSSMWorldModel(WorldModel):
             _, prior = self.observe(self.embed(obs), action, mode=mode)
             return self.decode(prior.feat[:, 1:]).clamp(0.0, 1.0)
 
-    def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
-        """-log p_prior(z_{t+1}) of the posterior argmax at t+1, t = 0..T-2: ``[B, T-1]`` nats."""
+    def latent_predictions(self, obs: Tensor, action: Tensor) -> LatentPredictions:
+        """Argmax filtering: the posterior ``q(z_t | h_t, o_t)`` of every frame, and the prior
+        ``p(z_{t+1} | h_{t+1})``, whose ``h_{t+1}`` has seen ``z_t`` and ``a_t``.
+
+        Shapes:
+            ``obs [B, T, 3, S, S], action [B, T] ->`` posterior ``[B, T, K, V]``, prior
+            ``[B, T-1, K, V]`` (log-probabilities).
+        """
         with evaluating(self):
             post, prior_logits = self._observe(self.embed(obs), action, None, "mode")
-            return token_nll(post.stoch[:, 1:], prior_logits[:, 1:])
+            return LatentPredictions(post.logits, prior_logits[:, 1:])

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..losses import token_nll
 from ..types import Batch, ImagineMode, Rollout
 from ..utils import evaluating
-from .base import WorldModel
+from .base import LatentPredictions, WorldModel
 from .heads import ContinueHead, RewardHead
 from .maskgit import build_prior_head
 from .transformer import ActionMixer, CausalTransformer, InterleavedEmbedding
@@ -246,18 +245,20 @@ class STORMWorldModel(WorldModel):
             _, h = self._teacher_forced(obs, action, mode)
             return self.decode(self.prior.sample(h, mode)).clamp(0.0, 1.0)
 
-    def token_nll_per_step(self, obs: Tensor, action: Tensor) -> Tensor:
-        """Teacher-forced ``-log p_prior(z_{t+1} | history)`` of the posterior mode, in nats.
-
-        The prior is the head's ``forward(h_t)``: for the MaskGIT head, the all-masked
-        prediction (what its one-round draft samples from).
+    def latent_predictions(self, obs: Tensor, action: Tensor) -> LatentPredictions:
+        """The posterior ``q(z_t | o_t)`` of every frame, and the prior of ``z_{t+1}`` from
+        ``h_t`` over the posterior-argmax tokens of the real history (for the MaskGIT head
+        its all-masked prediction, what its one-round draft samples from).
 
         Shapes:
-            ``obs [B, T, 3, S, S], action [B, T] -> [B, T-1]``.
+            ``obs [B, T, 3, S, S], action [B, T] ->`` posterior ``[B, T, K, V]``, prior
+            ``[B, T-1, K, V]`` (log-probabilities).
         """
         with evaluating(self):
-            z, h = self._teacher_forced(obs, action, "mode")
-            return token_nll(z[:, 1:], self.prior(h))
+            self.check_window(obs, action)
+            posterior = self.encode(obs)
+            h = self.sequence(self.vae.sample(posterior, "mode"), action)[:, :-1]
+            return LatentPredictions(posterior, self.prior(h))
 
     def attention_maps(self, obs: Tensor, action: Tensor) -> Tensor:
         """Attention weights for one window (posterior mode tokens).
