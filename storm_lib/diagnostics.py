@@ -415,6 +415,9 @@ class TokenStatistics:
     """``[K]`` the same on the steps where that categorical changes (NaN if it never does)."""
     accuracy_on_stay: np.ndarray
     """``[K]`` the same on the steps where it keeps its class (NaN if it always changes)."""
+    entropy: np.ndarray
+    """``[K]`` mean entropy of each categorical's posterior, nats (at most ln V): one the
+    decoder ignores drifts towards the prior, so it is uncertain, churns and carries noise."""
 
     @property
     def categoricals(self) -> int:
@@ -464,6 +467,7 @@ class TokenStatistics:
             "accuracy": self.accuracy.tolist(),
             "accuracy_on_change": [None if math.isnan(x) else x for x in self.accuracy_on_change],
             "accuracy_on_stay": [None if math.isnan(x) else x for x in self.accuracy_on_stay],
+            "entropy": self.entropy.tolist(),
             "errors_per_frame": self.errors_per_frame,
             "errors_on_change_per_frame": self.errors_on_change_per_frame,
             "accuracy_on_changes": self.accuracy_on_changes,
@@ -504,7 +508,7 @@ def token_statistics(
         :class:`TokenStatistics` over ``N * (T - 1)`` transitions.
     """
     dev = _model_device(model, device)
-    pixel, changed, resampled, hit, change = [], [], [], [], []
+    pixel, changed, resampled, hit, change, entropy = [], [], [], [], [], []
     with evaluating(model, seed, dev):
         for chunk in windows.chunks(batch_size):
             chunk = chunk.to(dev)
@@ -517,6 +521,7 @@ def token_statistics(
             change.append(step.flatten(0, 1).cpu())
             hit.append((latents.prior.argmax(-1) == post[:, 1:]).flatten(0, 1).cpu())
             probs = latents.posterior.exp()
+            entropy.append(torch.special.entr(probs).sum(-1).flatten(0, 1).double().cpu())
             draws = [draw_index(probs, "sample") for _ in range(2)]
             resampled.append((draws[0] != draws[1]).sum(-1).flatten().double().cpu())
     hits, changes = torch.cat(hit), torch.cat(change)  # [N, K]
@@ -528,6 +533,7 @@ def token_statistics(
         accuracy=hits.double().mean(0).numpy(),
         accuracy_on_change=_share(hits, changes),
         accuracy_on_stay=_share(hits, ~changes),
+        entropy=torch.cat(entropy).mean(0).numpy(),
     )
 
 

@@ -496,14 +496,16 @@ __all__ = [
 ]
 
 
-def plot_token_statistics(stats: Mapping[str, TokenStatistics], bins: int = 8) -> Figure:
+def plot_token_statistics(
+    stats: Mapping[str, TokenStatistics], *, classes: int = 32, bins: int = 8
+) -> Figure:
     """Why the prior cannot predict the next token (``diagnostics.token_statistics``).
 
     Left: categoricals whose argmax changes between consecutive real frames against the
     share of pixels that changed (bins of equal count), with the churn of two posterior
     samples of the same frame (dashed). Right: each categorical, ranked by how often it
-    changes: its change rate (dashed) and how often the prior predicts its new class when
-    it does change (solid).
+    changes: its change rate (dashed), how often the prior predicts its new class when
+    it does change (solid), and its posterior entropy as a share of ln V (dotted).
     """
     fig, axes = _figure(1, 2, size=(11.5, 3.8))
     left, right = axes[0]
@@ -520,6 +522,8 @@ def plot_token_statistics(stats: Mapping[str, TokenStatistics], bins: int = 8) -
         right.plot(rank, s.change_rate[order], color=f"C{i}", ls="--", label=f"{name} change rate")
         right.plot(rank, s.accuracy_on_change[order], color=f"C{i}", marker="o", ms=3,
                    label=f"{name} prior right when it changes")  # fmt: skip
+        right.plot(rank, s.entropy[order] / np.log(classes), color=f"C{i}", ls=":",
+                   label=f"{name} posterior entropy / ln V")  # fmt: skip
     left.set_xlabel("pixels changed between frames t and t+1 (%)")
     left.set_ylabel("categoricals that change argmax")
     left.set_title("Token churn on real consecutive frames", fontsize=9)

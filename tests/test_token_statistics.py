@@ -51,6 +51,7 @@ def test_known_latents_give_known_statistics() -> None:
     np.testing.assert_allclose(stats.pixel_change, 4 / 64)
     np.testing.assert_array_equal(stats.changed, 1)  # only categorical 0 changes
     assert stats.resampled == 0.0  # exactly one-hot posteriors
+    np.testing.assert_allclose(stats.entropy, 0.0)
     np.testing.assert_allclose(stats.change_rate, [1.0, 0.0])
     right = 3 / 5  # t = 0, 2, 4 of the 5 transitions
     np.testing.assert_allclose(stats.accuracy, [right, 1.0])
@@ -85,6 +86,7 @@ def test_real_models_statistics_are_bounded_and_leave_rng_alone(kind: str) -> No
     assert stats.changed.min() >= 0 and stats.changed.max() <= stats.categoricals
     assert 0 <= stats.resampled <= stats.categoricals
     assert np.all((stats.accuracy >= 0) & (stats.accuracy <= 1))
+    assert np.all((stats.entropy >= 0) & (stats.entropy <= math.log(config.vae.classes) + 1e-6))
     again = token_statistics(model, batch, batch_size=3)  # seeded: the same measurement
     assert again.resampled == stats.resampled
     json.dumps(stats.to_dict())
