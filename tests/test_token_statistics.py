@@ -63,7 +63,8 @@ def test_known_latents_give_known_statistics() -> None:
     assert stats.accuracy_on_changes == pytest.approx(right)
     bins = stats.churn_by_pixel_change([0.0, 0.05, 0.1, 1.0])
     assert bins == [(pytest.approx(4 / 64), 1.0, N * (T - 1))]  # empty bins left out
-    assert "predicts 60%" in token_sentence(stats, "known")
+    sentence = token_sentence(stats, "known")
+    assert "changes on 0%-100% of the steps" in sentence and "predicts 60%" in sentence
 
 
 def test_a_static_clip_has_no_churn_and_no_pixel_change() -> None:
