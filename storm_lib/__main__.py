@@ -110,6 +110,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         allow_partial=args.allow_partial,
         rssm_latent=args.rssm_latent,
         rssm_code=args.rssm_code,
+        rssm_name=args.rssm_name,
     )
 
 
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rssm-code", metavar="FILE.py:FUNC",
         help="a student's own model: FUNC(weights, device) in FILE.py builds it from the "
         "--rssm weights. THIS RUNS THEIR CODE (the weights are still loaded weights_only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rssm-name", metavar="NAME",
+        help="the student's model's name in tables and figures (default: the --rssm-code "
+        "file's stem, else RSSM)",
     )  # fmt: skip
     p.add_argument(
         "--rssm-latent", type=_latent, metavar="KxV",

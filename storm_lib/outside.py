@@ -19,7 +19,8 @@ the weights file is loaded without code execution). :class:`OutsideModel` valida
 every output and names the student's file and function in every error.
 :class:`DreamerAdapter` (``storm_lib.adapter``) wraps an ``observe`` / ``img_step`` /
 ``decode`` RSSM (the DreamerV3 vocabulary most P03 notebooks use) into the protocol in a
-few lines; :func:`unwrap_weights`
+few lines; :func:`dreamerv3_torch` (``storm_lib.presets``) builds and wraps a model of
+NM512/dreamerv3-torch from the student's checkout in one call; :func:`unwrap_weights`
 (``storm_lib.checkpoint``) turns weights as students save them into a plain state dict.
 
 Glossary: B batch, T time, C context, H horizon, S image side, A actions.
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .adapter import ClipStats, DreamerAdapter, OutsideModelError, Pixels, takes_keyword
 from .checkpoint import UnwrappedWeights, safe_torch_load, unwrap_weights
+from .presets import dreamerv3_torch
 from .types import ImagineMode, Rollout
 from .utils import default_device
 
@@ -48,6 +50,7 @@ __all__ = [
     "OutsideModelError",
     "Pixels",
     "UnwrappedWeights",
+    "dreamerv3_torch",
     "load_outside_model",
     "outside_label",
     "unwrap_weights",
