@@ -297,7 +297,7 @@ def evaluate_checkpoints(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
     if rssm is not None and rssm_code is not None:
-        models[label] = _load_outside(rssm_code, rssm, device, all_data, label)
+        models[label] = load_outside(rssm_code, rssm, device, all_data, label)
     elif rssm is not None:
         models[label], _ = load_p03(
             rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
@@ -354,10 +354,13 @@ def evaluate_checkpoints(
     return summary
 
 
-def _load_outside(
+def load_outside(
     code: str, weights: str | Path, device: torch.device, data: TrajectoryData, label: str
 ) -> RolloutModel:
-    """A student's model by their code, checked against ``data`` as far as it shows."""
+    """A student's model built by their code (``path/file.py:load``; **it runs**) from
+    ``weights``, labelled ``label`` in what is printed, and checked against ``data`` as
+    far as it shows: its action count and frame size, and its training-data record
+    (:func:`check_trained_on`; a warning when it has none). The notebook's route too."""
     from .outside import load_outside_model
 
     model = load_outside_model(
