@@ -203,10 +203,16 @@ def test_checkout_problems_are_readable_and_leave_sys_modules_alone(
         dreamerv3_torch(student["checkout"], {"_wm.x": torch.zeros(1)}, "cpu", num_actions=18)
 
 
-def test_yaml_12_numbers_without_ruamel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ruamel", ["if installed", "blocked"])
+def test_configs_yaml_numbers_read_as_yaml_12(
+    ruamel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if ruamel == "blocked":  # PyYAML, which reads 1e-4 as a string unless taught otherwise
+        monkeypatch.setitem(sys.modules, "ruamel.yaml", None)
     (tmp_path / "c.yaml").write_text("a: {lr: 1e-4, steps: 4e5, eps: 1.0e-8, n: 10, s: '1e3'}\n")
     got = read_yaml(tmp_path / "c.yaml")["a"]
     assert got == {"lr": 1e-4, "steps": 4e5, "eps": 1e-8, "n": 10, "s": "1e3"}
+    assert isinstance(got["n"], int) and isinstance(got["steps"], float)
 
 
 # ------------------------------------------------------------------ the adapter
