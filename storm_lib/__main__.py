@@ -10,6 +10,7 @@ Examples::
     python -m storm_lib evaluate --storm checkpoints/storm_cpu.pt --rssm their_p03.pt \\
         --rssm-code their_p03_model.py:load --data data/p03.npz     # runs their code
     python -m storm_lib import-data their_replay.npz --env ALE/Boxing-v5 --out data/p03.npz
+    python -m storm_lib import-data logdir/train_eps/ --env ALE/Boxing-v5 --out data/p03.npz
     python -m storm_lib compare-priors --profile cpu --data data/boxing_30000_seed0.npz \\
         --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
 
@@ -109,6 +110,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         allow_partial=args.allow_partial,
         rssm_latent=args.rssm_latent,
         rssm_code=args.rssm_code,
+        rssm_name=args.rssm_name,
     )
 
 
@@ -123,8 +125,9 @@ def _import_data(args: argparse.Namespace) -> None:
     from .data import TrajectoryData
 
     data = TrajectoryData.load(out)
+    origin = data.meta["imported_from"]
     print(f"wrote {out}: {data}, {data.action_dim} actions, {data.image_size}px frames")
-    print(f"  {data.meta['imported_from']['frames']}; {data.meta['imported_from']['convention']}")
+    print(f"  from {len(origin['files'])} file(s); {origin['frames']}; {origin['convention']}")
 
 
 def _compare_priors(args: argparse.Namespace) -> None:
@@ -203,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rssm weights. THIS RUNS THEIR CODE (the weights are still loaded weights_only)",
     )  # fmt: skip
     p.add_argument(
+        "--rssm-name", metavar="NAME",
+        help="the student's model's name in tables and figures (default: the --rssm-code "
+        "file's stem, else RSSM)",
+    )  # fmt: skip
+    p.add_argument(
         "--rssm-latent", type=_latent, metavar="KxV",
         help="categoricals x classes of a bare P03 state dict, e.g. 32x32",
     )  # fmt: skip
@@ -218,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import-data", parents=[common], help="convert a P03 dataset (.npz) into this format"
     )
-    p.add_argument("src", help=".npz with obs/image, action(s), reward(s), done/is_first/...")
+    p.add_argument(
+        "src", nargs="+",
+        help=".npz files with obs/image, action(s), reward(s), done/is_first/..., directories "
+        "of them (a dreamerv3-torch replay: one .npz per episode) or quoted globs",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="the new data file, e.g. data/p03.npz")
     p.add_argument("--env", required=True, help="the game it was recorded on, e.g. ALE/Boxing-v5")
     p.add_argument("--image-size", type=_positive_int, default=64, help="frame side (default 64)")

@@ -84,6 +84,96 @@ def strip_compile_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+AGENT_NESTS = ("agent_state_dict", "state_dict", "model")
+"""Keys under which a saved file nests its state dict: dreamerv3-torch's ``latest.pt``
+holds ``{"agent_state_dict", "optims_state_dict"}``; others use ``state_dict``/``model``."""
+
+
+class UnwrappedWeights(dict):
+    """A plain state dict (``{name: Tensor}``), from :func:`unwrap_weights`.
+
+    Attributes:
+        dropped: ``{top-level part: tensor count}`` of what was left out, e.g.
+            ``{"_task_behavior": 40, "_expl_behavior": 40}``.
+        steps: what was done, in order, in words.
+    """
+
+    dropped: dict[str, int]
+    steps: list[str]
+
+
+def unwrap_weights(
+    raw: Any, *, keep: str | None = "_wm", source: str = "weights", quiet: bool = False
+) -> UnwrappedWeights:
+    """The world model's state dict from weights as students save them.
+
+    Takes what ``torch.load(path, weights_only=True)`` returned and undoes, in order:
+    nesting (``latest.pt``'s ``agent_state_dict`` beside ``optims_state_dict``, or
+    ``state_dict``/``model``: :data:`AGENT_NESTS`), ``torch.compile``'s ``_orig_mod.``
+    prefix (of the whole agent, or of its world model: ``_wm._orig_mod.``), and the
+    agent's own prefix ``keep`` + ``"."``: only the tensors under ``_wm.`` (the
+    dreamerv3-torch agent's world model) are kept, and the other parts of the agent
+    (``_task_behavior``, ``_expl_behavior``, ...) are dropped and counted. Weights
+    without that prefix (a world model saved on its own) are kept whole.
+
+    Args:
+        raw: the loaded object.
+        keep: the agent attribute holding the world model (None: keep every tensor).
+        source: named in the printed summary and in errors.
+        quiet: do not print the one-line summary of what was done and dropped.
+
+    Returns:
+        :class:`UnwrappedWeights` (a dict; ``.dropped`` and ``.steps`` say what was done).
+
+    Raises:
+        CheckpointError: no mapping of names to tensors is found.
+    """
+    steps: list[str] = []
+    for _ in range(3):
+        nests = [k for k in AGENT_NESTS if isinstance(raw, dict) and isinstance(raw.get(k), dict)]
+        if not nests:
+            break
+        nest = nests[0]
+        beside = sorted(str(k) for k in raw if k != nest)
+        steps.append(f"took {nest!r}" + (f" (beside {beside})" if beside else ""))
+        raw = raw[nest]
+    if not isinstance(raw, dict) or not raw:
+        found = type(raw).__name__ if not isinstance(raw, dict) else "an empty dict"
+        raise CheckpointError(f"{source}: no state dict found (it holds {found})")
+    bad = [k for k, v in raw.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        raise CheckpointError(
+            f"{source}: not a state dict (entry {bad[0]!r} is not a tensor); its keys: "
+            f"{sorted(map(str, raw))[:12]}"
+        )
+
+    def stripped(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        out = strip_compile_prefix(sd)
+        if out.keys() != sd.keys():
+            steps.append(f"stripped torch.compile's {COMPILE_PREFIX!r}{where}")
+        return out
+
+    state = stripped(raw, "")
+    dropped: dict[str, int] = {}
+    prefix = f"{keep}." if keep else ""
+    if prefix and any(k.startswith(prefix) for k in state):
+        for k in state:
+            if not k.startswith(prefix):
+                part = k.split(".", 1)[0]
+                dropped[part] = dropped.get(part, 0) + 1
+        kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        steps.append(f"kept the {len(kept)} tensors under {prefix!r}")
+        state = stripped(kept, f" after {prefix!r}")
+    if dropped:
+        parts = ", ".join(f"{k} ({n})" for k, n in dropped.items())
+        steps.append(f"dropped {sum(dropped.values())} tensors of the agent's other parts: {parts}")
+    out = UnwrappedWeights(state)
+    out.dropped, out.steps = dropped, steps
+    if steps and not quiet:
+        print(f"{source}: " + "; ".join(steps))
+    return out
+
+
 def current_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Parameter names as the models use them now: no ``torch.compile`` prefix, and the
     :data:`RENAMED` modules under their new names."""
@@ -96,15 +186,18 @@ def current_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_state_strict(model: nn.Module, state_dict: Any, source: str, note: str = "") -> None:
+def load_state_strict(
+    model: nn.Module, state_dict: Any, source: str, note: str = "", *, ours: bool = True
+) -> None:
     """Load ``state_dict`` into ``model`` exactly, or raise a CheckpointError that lists
     missing keys, unexpected keys and shape mismatches (``note`` is appended, e.g. which
-    sizes were inferred)."""
+    sizes were inferred). ``ours=False`` for another code base's model: only the
+    ``torch.compile`` prefix is stripped, none of our old module names is renamed."""
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
     ):
         raise CheckpointError(f"{source}: the state dict is not a mapping of names to tensors")
-    state_dict = current_names(state_dict)
+    state_dict = current_names(state_dict) if ours else strip_compile_prefix(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

@@ -262,7 +262,12 @@ class TrajectoryData:
         """
         ids = self.episode_ids
         if len(ids) < 2:
-            raise DataError(f"{self.path or 'arrays'}: cannot split {len(ids)} episode(s)")
+            raise DataError(
+                f"{self.path or 'arrays'}: cannot split {len(ids)} episode(s) into training and "
+                "validation: whole episodes are held out, so it needs at least 2. Collect more "
+                "steps, or import more episodes (import-data takes several files, a directory "
+                "such as dreamerv3-torch's logdir/train_eps/, or a glob)"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
         n_val = min(max(round(val_fraction * len(ids)), 1), len(ids) - 1)

@@ -115,6 +115,8 @@ class StepStats:
 
 MODES = ("mode", "sample")
 """Rollout modes of Section 4: argmax latents (the headline) and sampled latents."""
+NO_MODE = "this model samples in both modes (or in neither)"
+"""What the tables and the report say of a model whose ``imagine`` takes no mode."""
 
 BASELINES = ("copy-last", "linear extrapolation", "context mean")
 """The trivial predictors of :func:`baseline_predictions`, in table order."""
@@ -160,6 +162,9 @@ class RolloutPSNR:
     horizon: int
     seed: int
     mode: str
+    mode_ignored: tuple[str, ...] = ()
+    """Models whose ``imagine`` takes no mode (``follows_mode`` False): their rows are
+    the same rollout under both modes, so no mode's effect was measured for them."""
 
     @property
     def steps(self) -> np.ndarray:
@@ -201,6 +206,11 @@ class RolloutPSNR:
         if self.entropy:
             values = ", ".join(f"{k} {v:.2f}" for k, v in self.entropy.items())
             lines.append(f"posterior entropy per categorical (nats): {values}")
+        for name in self.mode_ignored:
+            lines.append(
+                f"note: {name} takes no mode, so {NO_MODE}: its rows are the same rollout as in "
+                "the other mode's table"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +224,7 @@ class RolloutPSNR:
             "ceilings": {k: v.to_dict() for k, v in self.ceilings.items()},
             "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
             "entropy": dict(self.entropy),
+            "mode_ignored": list(self.mode_ignored),
         }
 
 
@@ -383,7 +394,8 @@ def rollout_psnr(
         name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
         for name, pred in baseline_predictions(windows.obs, context, horizon).items()
     }
-    return RolloutPSNR(scores, ceilings, baselines, entropy, context, horizon, seed, mode)
+    ignored = tuple(n for n, m in models.items() if not getattr(m, "follows_mode", True))
+    return RolloutPSNR(scores, ceilings, baselines, entropy, context, horizon, seed, mode, ignored)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """``import-data``: a P03 dataset in another layout, converted into this library's format.
 
 So that an instructor can train and grade on exactly the data a student's P03 model saw.
-:func:`import_data` reads one ``.npz`` (never unpickling) and understands:
+:func:`import_data` reads ``.npz`` files (never unpickling): one, several, a directory of
+them (dreamerv3-torch's replay, ``logdir/train_eps/``, holds one per episode) or a glob;
+each file's episodes stay apart. In each it understands:
 
 * frames under ``obs`` / ``observation(s)`` / ``image(s)`` / ``frames``: ``[N, H, W, 3]``
   or ``[N, 3, H, W]``, or ``[E, T, ...]`` (episodes x time); uint8, or float in [0, 1],
@@ -10,7 +12,9 @@ So that an instructor can train and grade on exactly the data a student's P03 mo
 * actions under ``action(s)``: indices ``[N]`` or one-hot ``[N, A]``;
 * rewards under ``reward(s)`` (zeros if absent);
 * episodes from ``episode`` ids, ``is_first``, or ``done(s)`` / ``terminal(s)`` /
-  ``is_terminal``; continuation from ``cont`` / ``discount`` or the terminal flags.
+  ``is_terminal``; continuation from ``cont``, else the terminal flags, else
+  ``discount`` (dreamerv3-torch's ``discount`` is 0 also where a time limit cut the
+  episode, which is no terminal state).
 
 Two conventions exist. This library stores with frame t the action *taken in* it and the
 reward that followed (STORM's). DreamerV3 replay (recognised by ``is_first``) stores with
@@ -20,9 +24,12 @@ episode, and each episode's last frame, whose action is unknown, is dropped.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +42,48 @@ TERMINAL_KEYS = ("is_terminal", "terminal", "terminals", "done", "dones")
 CONT_KEYS = ("cont", "discount")
 
 
+GLOB_CHARACTERS = "*?["
+
+
+def source_files(src: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The ``.npz`` files that ``src`` names, in order, each once: files as they are,
+    directories by their ``*.npz`` (sorted), and glob patterns (as a shell expands them,
+    for a pattern given in quotes).
+
+    Raises:
+        DataError: a path that does not exist, a pattern that matches nothing, or a
+            directory without ``.npz`` files.
+    """
+    items = [src] if isinstance(src, (str, Path)) else list(src)
+    if not items:
+        raise DataError("no source file given")
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.npz") if p.is_file())
+            if not found:
+                raise DataError(
+                    f"{path} is a directory with no .npz files in it (a dreamerv3-torch "
+                    "replay directory, e.g. logdir/train_eps, holds one .npz per episode)"
+                )
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif any(c in str(item) for c in GLOB_CHARACTERS):
+            matches = sorted(glob.glob(str(path)))
+            if not matches:
+                raise DataError(f"{item}: no file matches this pattern")
+            files += source_files(matches)
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    seen: set[Path] = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
 def _read(src: Path) -> dict[str, np.ndarray]:
+    if src.is_dir():
+        raise DataError(f"{src} is a directory, not an .npz file")
     if not src.is_file():
         raise DataError(f"{src}: no such file")
     try:
@@ -104,45 +152,8 @@ def _actions(action: np.ndarray, src: Path, empty_ok: np.ndarray) -> tuple[np.nd
     return action.astype(np.int64), int(action.max()) + 1 if len(action) else 1
 
 
-def import_data(
-    src: str | Path,
-    out: str | Path,
-    *,
-    env_id: str,
-    image_size: int = 64,
-    action_dim: int | None = None,
-    action_meanings: list[str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Convert the trajectories in ``src`` into this library's format at ``out``.
-
-    Args:
-        src: an ``.npz`` in one of the layouts of the module docstring.
-        out: the new file. An existing one is replaced only with ``overwrite`` and only
-            when it is a dataset of ours; a foreign file never is.
-        env_id: the game it was recorded on (checked against checkpoints at evaluation).
-        image_size: S of the stored frames.
-        action_dim: A, when the file's actions do not show it (indices that never
-            reach the largest action).
-        action_meanings: names of the A actions, if known.
-        overwrite: replace an existing dataset of ours.
-
-    Returns:
-        ``out``. It records where it came from: the source path, its SHA-256, which key
-        played which role, and the conversions made.
-
-    Raises:
-        DataError: what cannot be mapped, listing the keys found; or ``out`` must not be
-            written.
-    """
-    src, out = Path(src), Path(out)
-    if out.exists():
-        try:
-            TrajectoryData.load(out)
-        except DataError as exc:
-            raise DataError(f"{exc}\n  {out} is not ours, so it is never overwritten") from None
-        if not overwrite:
-            raise DataError(f"{out} exists and was left as it is; pass --force to replace it")
+def _convert(src: Path) -> dict[str, Any]:
+    """One file's trajectories in this library's convention (frames still HWC, any size)."""
     arrays = _read(src)
     found = f"keys found: {sorted(f'{k} {tuple(v.shape)}' for k, v in arrays.items())}"
     roles = {
@@ -151,7 +162,8 @@ def import_data(
         "reward": _pick(arrays, REWARD_KEYS),
         "is_first": _pick(arrays, ("is_first",)),
         "terminal": _pick(arrays, TERMINAL_KEYS),
-        "cont": _pick(arrays, CONT_KEYS),
+        "cont": _pick(arrays, ("cont",))
+        or (None if _pick(arrays, TERMINAL_KEYS) else _pick(arrays, CONT_KEYS)),
         "episode": _pick(arrays, ("episode", "episodes", "episode_id")),
     }
     obs_key, action_key = roles["obs"], roles["action"]
@@ -195,27 +207,105 @@ def import_data(
             episode = np.concatenate([[0], np.cumsum(terminal[:-1])])
         keep = np.ones(n, bool)
     frames, note = _frames_uint8(obs, src)
+    return {
+        "frames": frames[keep], "action": idx[keep], "reward": reward[keep],
+        "cont": cont[keep], "episode": np.unique(episode[keep], return_inverse=True)[1],
+        "width": width, "note": note, "dreamer": dreamer,
+        "roles": {role: key for role, key in roles.items() if key},
+    }  # fmt: skip
+
+
+def import_data(
+    src: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    env_id: str,
+    image_size: int = 64,
+    action_dim: int | None = None,
+    action_meanings: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the trajectories in ``src`` into this library's format at ``out``.
+
+    Args:
+        src: ``.npz`` files in the layouts of the module docstring, directories of them
+            or glob patterns (:func:`source_files`); the files must agree in layout,
+            frame shape and action count. Each file's episodes stay apart.
+        out: the new file. An existing one is replaced only with ``overwrite`` and only
+            when it is a dataset of ours; a foreign file never is, nor a source.
+        env_id: the game it was recorded on (checked against checkpoints at evaluation).
+        image_size: S of the stored frames.
+        action_dim: A, when the file's actions do not show it (indices that never
+            reach the largest action).
+        action_meanings: names of the A actions, if known.
+        overwrite: replace an existing dataset of ours.
+
+    Returns:
+        ``out``. It records where it came from (``meta["imported_from"]``): the sources
+        as given, every file with its SHA-256, which key played which role, and the
+        conversions made.
+
+    Raises:
+        DataError: what cannot be mapped, listing the keys found; or ``out`` must not be
+            written.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"{out} is a directory; give the new file's name, e.g. {out / 'p03.npz'}")
+    files = source_files(src)
+    if out.resolve() in {f.resolve() for f in files}:
+        raise DataError(f"{out} is one of the sources; give the new file another name")
+    if out.exists():
+        try:
+            TrajectoryData.load(out)
+        except DataError as exc:
+            raise DataError(f"{exc}\n  {out} is not ours, so it is never overwritten") from None
+        if not overwrite:
+            raise DataError(f"{out} exists and was left as it is; pass --force to replace it")
+    parts = [_convert(f) for f in files]
+    first = parts[0]
+    for f, part in zip(files, parts, strict=True):
+        for what in ("dreamer", "roles"):
+            if part[what] != first[what]:
+                raise DataError(
+                    f"{f} differs from {files[0]} in {what} ({part[what]!r} vs "
+                    f"{first[what]!r}): import files of one layout together"
+                )
+        if part["frames"].shape[1:] != first["frames"].shape[1:]:
+            raise DataError(
+                f"{f} has frames {part['frames'].shape[1:]}, {files[0]} has "
+                f"{first['frames'].shape[1:]}: import files of one frame size together"
+            )
+    offsets = np.cumsum([0] + [int(p["episode"].max()) + 1 if len(p["episode"]) else 0
+                               for p in parts])  # fmt: skip
+    frames = np.concatenate([p["frames"] for p in parts])
+    note = first["note"]
     if frames.shape[1:3] != (image_size, image_size):
         note += f" {frames.shape[1]}x{frames.shape[2]}, resized to {image_size}x{image_size} "
         note += "with antialiased bilinear"
     data = TrajectoryData.from_arrays(
-        obs=_resized(frames[keep], image_size),
-        action=idx[keep],
-        reward=reward[keep].astype(np.float32),
-        cont=np.clip(cont[keep], 0.0, 1.0).astype(np.float32),
-        episode=np.unique(episode[keep], return_inverse=True)[1].astype(np.int32),
+        obs=_resized(frames, image_size),
+        action=np.concatenate([p["action"] for p in parts]),
+        reward=np.concatenate([p["reward"] for p in parts]).astype(np.float32),
+        cont=np.clip(np.concatenate([p["cont"] for p in parts]), 0.0, 1.0).astype(np.float32),
+        episode=np.concatenate(
+            [p["episode"] + o for p, o in zip(parts, offsets, strict=False)]
+        ).astype(np.int32),
         meta={
             "env_id": env_id,
-            "action_dim": int(action_dim or width),
+            "action_dim": int(action_dim or max(p["width"] for p in parts)),
             **({"action_meanings": list(action_meanings)} if action_meanings else {}),
-            "steps": int(keep.sum()),
+            "steps": len(frames),
             "format": FORMAT,
             "imported_from": {
-                "path": str(src),
-                "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
-                "keys": {role: key for role, key in roles.items() if key},
+                "path": str(src) if isinstance(src, (str, Path)) else " ".join(map(str, src)),
+                "files": [
+                    {"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                    for f in files
+                ],
+                "keys": first["roles"],
                 "convention": "action led to the frame (DreamerV3), shifted"
-                if dreamer
+                if first["dreamer"]
                 else "action taken in the frame (as stored here)",
                 "frames": note,
             },

@@ -17,8 +17,11 @@ given it; otherwise both of Section 4's modes see its own rollout.
 weights_only=True)`` read: **importing the student's code runs it**, by design (only
 the weights file is loaded without code execution). :class:`OutsideModel` validates
 every output and names the student's file and function in every error.
-:class:`DreamerAdapter` wraps an ``observe`` / ``img_step`` / ``decode`` RSSM (the
-DreamerV3 vocabulary most P03 notebooks use) into the protocol in a few lines.
+:class:`DreamerAdapter` (``storm_lib.adapter``) wraps an ``observe`` / ``img_step`` /
+``decode`` RSSM (the DreamerV3 vocabulary most P03 notebooks use) into the protocol in a
+few lines; :func:`dreamerv3_torch` (``storm_lib.presets``) builds and wraps a model of
+NM512/dreamerv3-torch from the student's checkout in one call; :func:`unwrap_weights`
+(``storm_lib.checkpoint``) turns weights as students save them into a plain state dict.
 
 Glossary: B batch, T time, C context, H horizon, S image side, A actions.
 """
@@ -26,28 +29,46 @@ Glossary: B batch, T time, C context, H horizon, S image side, A actions.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import safe_torch_load
+from .adapter import ClipStats, DreamerAdapter, OutsideModelError, Pixels, takes_keyword
+from .checkpoint import UnwrappedWeights, safe_torch_load, unwrap_weights
+from .presets import dreamerv3_torch
 from .types import ImagineMode, Rollout
 from .utils import default_device
 
-Pixels = Literal["0-1", "0-255", "-0.5-0.5"]
+__all__ = [
+    "ClipStats",
+    "DreamerAdapter",
+    "OutsideModel",
+    "OutsideModelError",
+    "Pixels",
+    "UnwrappedWeights",
+    "dreamerv3_torch",
+    "load_outside_model",
+    "outside_label",
+    "unwrap_weights",
+]
+
 RANGE_TOLERANCE = 1e-3
 """How far outside [0, 1] an output may stray (float rounding) before it is an error."""
 
 
-class OutsideModelError(RuntimeError):
-    """An outside model's code failed or returned something unusable; the message names
-    its file and function, and ``__cause__`` keeps the student's own traceback."""
+def outside_label(code: str | None, name: str | None = None) -> str:
+    """The name a student's model goes by in tables, figures and sentences: ``name``
+    when given, else the stem of the loader file in ``code`` (``alice_p03.py:load`` ->
+    ``alice_p03``), else ``"RSSM"`` (our own loader)."""
+    if name:
+        return name
+    if code:
+        return Path(code.rpartition(":")[0] or code).stem or "RSSM"
+    return "RSSM"
 
 
 def _import_file(path: Path, source: str) -> Any:
@@ -109,7 +130,13 @@ def load_outside_model(
         raise OutsideModelError(
             f"{source}(weights, device) raised {type(exc).__name__}: {exc}"
         ) from exc
-    return OutsideModel(model, source=source, action_dim=action_dim, image_size=image_size)
+    recorded = state.get("data") if isinstance(state, dict) else None
+    outside = OutsideModel(
+        model, source=source, action_dim=action_dim, image_size=image_size, device=device,
+        trained_on=recorded if isinstance(recorded, dict) else None,
+    )  # fmt: skip
+    outside.check_pairing()
+    return outside
 
 
 class OutsideModel:
@@ -118,18 +145,37 @@ class OutsideModel:
     Args:
         model: the student's object with ``imagine`` (and optionally ``reconstruct``).
         source: ``file.py:function`` that built it, named in every error.
-        action_dim: A.
-        image_size: S.
+        action_dim: A, the data's.
+        image_size: S, the data's.
+        device: where its loader was asked to put it (default: its first parameter's
+            device, else CPU).
+        trained_on: a record of its training data (``TrajectoryData.fingerprint``'s
+            names, any subset), when its weights file holds one; else the student's
+            object's own ``trained_on``, if any.
 
     Attributes:
         kind: ``"outside"``.
+        device: as above (evaluation looks a model's device up here).
         max_length: the student's ``max_length`` if it has one, else None.
+        follows_mode: its ``imagine`` takes ``mode`` (and, for a :class:`DreamerAdapter`,
+            hands it on): else both of Section 4's modes see the same rollout.
+        trained_on: as above, or None.
+        clip_stats: the student's adapter's :class:`ClipStats` (``clip=True``), or None.
         reconstruct: present only when the student's model has ``reconstruct``.
     """
 
     kind = "outside"
 
-    def __init__(self, model: Any, *, source: str, action_dim: int, image_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        source: str,
+        action_dim: int,
+        image_size: int = 64,
+        device: torch.device | str | None = None,
+        trained_on: dict[str, Any] | None = None,
+    ) -> None:
         if not callable(getattr(model, "imagine", None)):
             raise OutsideModelError(
                 f"{source}: returned a {type(model).__name__}, which has no imagine(context_obs, "
@@ -138,10 +184,39 @@ class OutsideModel:
             )
         self.model, self.source = model, source
         self.action_dim, self.image_size = action_dim, image_size
+        if device is None:
+            device = next(iter(self.parameters()), torch.empty(0)).device
+        self.device = torch.device(device)
         self.max_length = getattr(model, "max_length", None)
-        self._takes_mode = "mode" in inspect.signature(model.imagine).parameters
+        self._takes_mode = takes_keyword(model.imagine, "mode")
+        self.follows_mode = self._takes_mode and bool(getattr(model, "follows_mode", True))
+        self.trained_on = trained_on or getattr(model, "trained_on", None)
+        self.clip_stats: ClipStats | None = getattr(model, "clip_stats", None)
         if callable(getattr(model, "reconstruct", None)):
             self.reconstruct = self._reconstruct
+
+    def check_pairing(self) -> list[str]:
+        """Check what the student's model says of itself against the data: its
+        ``action_dim`` and ``image_size`` where it has them (a mismatch is an
+        ``OutsideModelError``: another game, action set or frame size). Returns what was
+        checked, in words (the training-data record is checked by the caller against the
+        data file, as for our checkpoints)."""
+        checked = []
+        for attr, want, what in (
+            ("action_dim", self.action_dim, "actions"),
+            ("image_size", self.image_size, "px frames"),
+        ):
+            theirs = getattr(self.model, attr, None)
+            if theirs is None:
+                continue
+            if int(theirs) != int(want):
+                raise OutsideModelError(
+                    f"{self.source}: its model has {attr} {theirs} but the evaluation data has "
+                    f"{want} {what}: it was trained on another game, action set or frame "
+                    "size, so its scores would be meaningless"
+                )
+            checked.append(f"{want} {what}")
+        return checked
 
     def __repr__(self) -> str:
         return f"OutsideModel({self.source})"
@@ -194,8 +269,10 @@ class OutsideModel:
         low, high = float(out.min()), float(out.max())
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             raise OutsideModelError(
-                f"{where} returned values in [{low:.3g}, {high:.3g}], expected [0, 1] "
-                "(DreamerAdapter(pixels=...) converts other pixel ranges)"
+                f"{where} returned values in [{low:.3g}, {high:.3g}], expected [0, 1]. An "
+                "unbounded decoder (e.g. an MSE one) needs DreamerAdapter(clip=True), which "
+                "also reports how far out it was; frames in another range need "
+                "DreamerAdapter(pixels=...)"
             )
         return out.float().clamp(0.0, 1.0)
 
@@ -228,126 +305,11 @@ class OutsideModel:
     def _reconstruct(
         self, obs: Tensor, action: Tensor | None = None, *, mode: ImagineMode = "mode"
     ) -> Tensor:
-        """The student's ``reconstruct(obs, actions)``, checked: ``[B, T, 3, S, S]``."""
+        """The student's ``reconstruct(obs, actions)``, checked: ``[B, T, 3, S, S]``;
+        ``mode`` is handed on when it takes one."""
         if action is None:
             action = torch.zeros(obs.shape[:2], dtype=torch.long, device=obs.device)
+        kwargs = {"mode": mode} if takes_keyword(self.model.reconstruct, "mode") else {}
         with torch.no_grad():
-            out = self._call("reconstruct", self.model.reconstruct, obs, action)
+            out = self._call("reconstruct", self.model.reconstruct, obs, action, **kwargs)
         return self._check_frames(out, obs, tuple(obs.shape), "reconstruct")
-
-
-def _index_time(states: Any, t: int) -> Any:
-    """Time step ``t`` of a ``[B, T, ...]`` state: a tensor, or a dict/tuple/list of them."""
-    if isinstance(states, Tensor):
-        return states[:, t]
-    if isinstance(states, dict):
-        return {k: _index_time(v, t) for k, v in states.items()}
-    if isinstance(states, (tuple, list)):
-        return type(states)(_index_time(v, t) for v in states)
-    raise TypeError(
-        f"cannot index time in a {type(states).__name__} state; give DreamerAdapter "
-        "last_state= and reconstruct=False"
-    )
-
-
-class DreamerAdapter:
-    """The rollout protocol for a DreamerV3-style RSSM: ``encode`` / ``observe`` /
-    ``img_step`` / ``decode``.
-
-    DreamerV3 code stores with each frame the action that *led to* it (``action[t]``
-    came before ``obs[t]``, with ``is_first`` marking episode starts), while this
-    library stores the action *taken in* it. The adapter converts: it observes the
-    context with the previous actions (zero before the first frame), then steps the
-    prior with the last context action and the future ones, and decodes each state.
-
-    Args:
-        encode: ``obs [B, T, ...] -> embed [B, T, E]``; frames arrive in ``pixels`` range
-            and ``channels_last`` layout.
-        observe: ``(embed [B, T, E], prev_action [B, T, A or -], is_first [B, T]) ->
-            states`` (posteriors; a tensor, dict or tuple of ``[B, T, ...]`` tensors, or
-            a tuple whose first item is that, as dreamerv3-torch's ``(post, prior)``).
-        img_step: ``(state, action [B, A or -]) -> state``, one prior step.
-        decode: ``state [B, ...] -> frame [B, 3, S, S]`` (or ``[B, S, S, 3]``) in
-            ``pixels`` range.
-        action_dim: A.
-        pixels: the model's pixel range, ``"0-1"``, ``"0-255"`` or ``"-0.5-0.5"``.
-        actions: ``"onehot"`` (float ``[.., A]``) or ``"index"`` (int64).
-        channels_last: frames as ``[..., S, S, 3]`` instead of ``[..., 3, S, S]``.
-        last_state: the last step of ``observe``'s states (default: index ``[:, -1]``).
-        reconstruct: also offer ``reconstruct`` (observe, then decode every step).
-
-    Example::
-
-        def load(weights, device):
-            model = MyRSSM(...); model.load_state_dict(weights); model.to(device).eval()
-            return DreamerAdapter(encode=model.enc, observe=model.observe,
-                                  img_step=model.img_step, decode=model.decode_state,
-                                  action_dim=18, pixels="-0.5-0.5")
-    """
-
-    def __init__(
-        self,
-        *,
-        encode: Callable[[Tensor], Tensor],
-        observe: Callable[[Tensor, Tensor, Tensor], Any],
-        img_step: Callable[[Any, Tensor], Any],
-        decode: Callable[[Any], Tensor],
-        action_dim: int,
-        pixels: Pixels = "0-1",
-        actions: Literal["onehot", "index"] = "onehot",
-        channels_last: bool = False,
-        last_state: Callable[[Any], Any] = lambda states: _index_time(states, -1),
-        reconstruct: bool = True,
-    ) -> None:
-        if pixels not in ("0-1", "0-255", "-0.5-0.5"):
-            raise ValueError(f"pixels must be '0-1', '0-255' or '-0.5-0.5', got {pixels!r}")
-        if actions not in ("onehot", "index"):
-            raise ValueError(f"actions must be 'onehot' or 'index', got {actions!r}")
-        self.encode, self.observe, self.img_step, self.decode = encode, observe, img_step, decode
-        self.action_dim, self.pixels, self.actions = action_dim, pixels, actions
-        self.channels_last, self.last_state = channels_last, last_state
-        if reconstruct:  # an attribute only when offered: evaluation looks for it
-            self.reconstruct = self._decode_posteriors
-
-    def _to_model(self, obs: Tensor) -> Tensor:
-        x = {"0-1": obs, "0-255": obs * 255.0, "-0.5-0.5": obs - 0.5}[self.pixels]
-        return x.movedim(-3, -1) if self.channels_last else x
-
-    def _from_model(self, frame: Tensor) -> Tensor:
-        x = frame.movedim(-1, -3) if self.channels_last else frame
-        return {"0-1": x, "0-255": x / 255.0, "-0.5-0.5": x + 0.5}[self.pixels]
-
-    def _act(self, action: Tensor) -> Tensor:
-        if self.actions == "index":
-            return action
-        return F.one_hot(action, self.action_dim).float()
-
-    def _observe(self, obs: Tensor, action: Tensor) -> Any:
-        """Posterior states of frames ``obs [B, T, ...]`` whose actions (taken in them) are
-        ``action [B, T]``: each frame is observed with the action before it."""
-        prev = self._act(action)
-        prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], 1)
-        is_first = torch.zeros(action.shape, dtype=torch.bool, device=action.device)
-        is_first[:, 0] = True
-        states = self.observe(self.encode(self._to_model(obs)), prev, is_first)
-        if isinstance(states, tuple) and len(states) == 2 and not isinstance(states[0], Tensor):
-            states = states[0]  # (post, prior), as dreamerv3-torch returns
-        return states
-
-    def imagine(
-        self, context_obs: Tensor, context_actions: Tensor, future_actions: Tensor
-    ) -> Tensor:
-        """``[B, C, 3, S, S], [B, C], [B, H-1] -> [B, H, 3, S, S]`` in [0, 1]."""
-        state = self.last_state(self._observe(context_obs, context_actions))
-        frames = []
-        for action in torch.cat([context_actions[:, -1:], future_actions], 1).unbind(1):
-            state = self.img_step(state, self._act(action))
-            frames.append(self._from_model(self.decode(state)))
-        return torch.stack(frames, 1)
-
-    def _decode_posteriors(self, obs: Tensor, action: Tensor) -> Tensor:
-        """``reconstruct``: observe every frame and decode each posterior state,
-        ``[B, T, 3, S, S]``."""
-        states = self._observe(obs, action)
-        frames = [self.decode(_index_time(states, t)) for t in range(obs.shape[1])]
-        return self._from_model(torch.stack(frames, 1))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .diagnostics import QUADRATIC_SLOPE, loglog_slope
-from .evaluate import ActionSensitivity, RolloutPSNR
+from .evaluate import NO_MODE, ActionSensitivity, RolloutPSNR
 
 HEADLINE_MODE = "mode"
 """Section 4's headline: argmax rollouts, deterministic, so they measure the dynamics alone
@@ -46,12 +46,19 @@ def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
 def gap_decomposition(results: Mapping[str, RolloutPSNR], name: str) -> str:
     """Where a model's step-1 shortfall comes from, from its argmax and sampled results:
     the dynamics (argmax ceiling - argmax rollout), sampling the prior (argmax rollout -
-    sampled rollout) and sampling the posterior (argmax ceiling - sample ceiling)."""
+    sampled rollout) and sampling the posterior (argmax ceiling - sample ceiling). For a
+    model that takes no mode, only the first, and the reason."""
     top, low = results["mode"], results["sample"]
     if name not in top.ceilings:
         return f"{name}: it has no reconstruct(), so no ceiling to split its gap against."
     ceil_a, ceil_s = top.ceilings[name].mean[0], low.ceilings[name].mean[0]
     roll_a, roll_s = top.models[name].mean[0], low.models[name].mean[0]
+    if name in top.mode_ignored:
+        return (
+            f"{name}: at step 1 its rollout is {ceil_a - roll_a:.1f} dB under its ceiling "
+            f"({roll_a:.1f} vs {ceil_a:.1f} dB); it takes no mode, so {NO_MODE}, and what "
+            "sampling the prior and the posterior cost it was not measured."
+        )
     entropy = top.entropy.get(name)
     ent = f", posterior entropy {entropy:.2f} nats per categorical" if entropy is not None else ""
     return (
@@ -62,7 +69,16 @@ def gap_decomposition(results: Mapping[str, RolloutPSNR], name: str) -> str:
     )
 
 
-def _uses_actions(sens: Mapping[str, ActionSensitivity], a: str, b: str) -> str:
+MIXED_DISTANCE = (
+    "it takes no mode, so where it samples, that distance mixes its sampling noise with "
+    "the actions' effect"
+)
+"""Said of the action-sensitivity distance of a model whose ``imagine`` takes no mode."""
+
+
+def _uses_actions(
+    sens: Mapping[str, ActionSensitivity], a: str, b: str, no_mode: tuple[str, ...] = ()
+) -> str:
     parts = []
     for name in (a, b):
         s = sens[name]
@@ -71,6 +87,7 @@ def _uses_actions(sens: Mapping[str, ActionSensitivity], a: str, b: str) -> str:
         parts.append(
             f"{name}'s real-action rollouts score {gain:+.1f} dB against shuffled-action ones "
             f"at the last step, where the two rollouts are {apart:.1f} dB apart"
+            + (f" ({MIXED_DISTANCE})" if name in no_mode else "")
         )
     return "Under the future actions of another window, " + "; ".join(parts) + "."
 
@@ -97,6 +114,7 @@ def comparison_paragraph(
     fvd: Mapping[str, float] | None = None,
     sensitivity: Mapping[str, ActionSensitivity] | None = None,
     names: tuple[str, str] = ("STORM", "RSSM"),
+    timing_names: tuple[str, str] | None = None,
 ) -> str:
     """A paragraph comparing the two architectures from measured results.
 
@@ -110,6 +128,8 @@ def comparison_paragraph(
         fvd: ``{name: FVD}`` on the same windows, if measured.
         sensitivity: :func:`storm_lib.evaluate.action_sensitivity` for both models.
         names: the transformer model's name, then the RSSM's.
+        timing_names: the keys of ``timings`` when they are not ``names``: a student's
+            model is not timed, so its row is this library's RSSM (and the sentence says so).
     """
     a, b = names
     result = headline(results)
@@ -140,7 +160,7 @@ def comparison_paragraph(
             f"{sb[0]:.1f} and {sb[-1]:.1f} dB ({b}); {_gap_at_last_step(sampled, a, b)}."
         )
     if sensitivity:
-        parts.append(_uses_actions(sensitivity, a, b))
+        parts.append(_uses_actions(sensitivity, a, b, result.mode_ignored))
     if fvd:
         lower = min(fvd, key=fvd.get)
         parts.append(
@@ -160,7 +180,13 @@ def comparison_paragraph(
             f"frame; a training step took {ms_a:.0f} ms for {a} and {ms_b:.0f} ms for {b}, "
             f"so {faster} trained {max(ms_a, ms_b) / min(ms_a, ms_b):.2f}x faster per step."
         )
-    parts.append(_cost_sentence(timings, sequence_timings, a, b))
+    timed = timing_names or names
+    cost = _cost_sentence(timings, sequence_timings, *timed)
+    if tuple(timed) != tuple(names):
+        cost = (
+            f"These timings are of this library's {' and '.join(timed)} ({b} was not timed). {cost}"
+        )
+    parts.append(cost)
     return " ".join(parts)
 
 

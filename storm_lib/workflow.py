@@ -102,20 +102,22 @@ def check_trained_on(payload: dict, data: TrajectoryData, source: str | Path) ->
 
     A different game, frame size or action set makes the comparison meaningless: that is
     a ``DataError``. Other data of the same game is sensible (fresh episodes), so a
-    different file, or a checkpoint that records no data, gives a returned warning.
+    different file, or a checkpoint that records no data, gives a returned warning. Only
+    what the record holds is compared (ours hold everything; an outside model's record,
+    e.g. a student's, may hold part).
     """
     trained = payload.get("data") if payload else None
     if not trained:
         return [f"{source}: records no training data, so it cannot be checked against {data}"]
     mine = data.fingerprint
     for key in ("env_id", "image_size", "action_meanings"):
-        if trained.get(key) != mine[key]:
+        if key in trained and trained[key] != mine[key]:
             raise DataError(
                 f"{source} was trained on data with {key} {trained.get(key)!r}, but "
                 f"{data.path or 'the evaluation data'} has {mine[key]!r}: scores would be "
                 "meaningless. Evaluate it on data of the game it was trained on."
             )
-    if trained.get("sha256") != mine["sha256"]:
+    if "sha256" in trained and trained["sha256"] != mine["sha256"]:
         return [
             f"{source} was trained on another {mine['env_id']} file (sha256 "
             f"{trained.get('sha256')}, not {mine['sha256']}): its held-out episodes are not "
@@ -249,6 +251,7 @@ def evaluate_checkpoints(
     allow_partial: bool = False,
     rssm_latent: tuple[int, int] | None = None,
     rssm_code: str | None = None,
+    rssm_name: str | None = None,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
@@ -264,17 +267,24 @@ def evaluate_checkpoints(
     weights are not installed). ``rssm_latent`` is ``(K, V)`` for a bare P03 state dict,
     whose shapes only give K * V. With ``rssm_code`` (``path/to/p03_model.py:load``)
     the RSSM is the student's own model, built by their code from the ``rssm`` weights
-    (:func:`storm_lib.outside.load_outside_model`; **their code runs**).
+    (:func:`storm_lib.outside.load_outside_model`; **their code runs**), checked against
+    ``data`` as far as it shows (action count, frame size, a training-data record).
+    ``rssm_name`` labels it in tables, figures and sentences (default: the loader file's
+    stem with ``rssm_code``, else ``"RSSM"``).
 
     Returns ``{"mode": ..., "sample": ...}`` of ``RolloutPSNR.to_dict()``, ``"actions"``
     (and ``"fvd"``).
     """
     from .evaluate import MODES, action_sensitivity, ignores_actions, rollout_psnr
+    from .outside import outside_label
     from .plots import plot_action_sensitivity, plot_psnr_vs_horizon
-    from .report import gap_decomposition
+    from .report import MIXED_DISTANCE, gap_decomposition
 
     if storm is None and rssm is None:
         raise ValueError("give --storm and/or --rssm")
+    label = outside_label(rssm_code, rssm_name)
+    if rssm is not None and label == "STORM":
+        raise ValueError("the student's model cannot be named STORM: give another --rssm-name")
     start = time.perf_counter()
     device = default_device(device)
     config = get_profile_for_eval(storm, profile, device)
@@ -287,15 +297,9 @@ def evaluate_checkpoints(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
     if rssm is not None and rssm_code is not None:
-        from .outside import load_outside_model
-
-        models["RSSM"] = load_outside_model(
-            rssm_code, rssm, device, action_dim=all_data.action_dim,
-            image_size=all_data.image_size,
-        )  # fmt: skip
-        print(f"Loaded the student's model with {rssm_code} from {rssm} (their code ran).")
+        models[label] = load_outside(rssm_code, rssm, device, all_data, label)
     elif rssm is not None:
-        models["RSSM"], _ = load_p03(
+        models[label], _ = load_p03(
             rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
         )
     ev = config.eval
@@ -313,10 +317,14 @@ def evaluate_checkpoints(
         if ignores_actions(sens):
             print(f"warning: {name} returns the same frames whatever the actions are")
         gains = sens.real.mean - sens.shuffled.mean
+        mixed = "" if getattr(models[name], "follows_mode", True) else f" ({MIXED_DISTANCE})"
         print(
             f"{name}: real minus shuffled future actions {gains[-1]:+.2f} dB at step "
-            f"{ev.horizon}; the two rollouts are {sens.between.mean[-1]:.1f} dB apart"
+            f"{ev.horizon}; the two rollouts are {sens.between.mean[-1]:.1f} dB apart{mixed}"
         )
+    for name, model in models.items():
+        if getattr(model, "clip_stats", None) is not None:
+            print(f"{name}: {model.clip_stats}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_psnr_vs_horizon(results).savefig(out / "psnr_vs_horizon.png", bbox_inches="tight")
@@ -344,6 +352,32 @@ def evaluate_checkpoints(
             print(f"FVD over {scores['clips']} clips ({scores['seconds']:.0f} s): {values}")
             summary["fvd"] = scores
     return summary
+
+
+def load_outside(
+    code: str, weights: str | Path, device: torch.device, data: TrajectoryData, label: str
+) -> RolloutModel:
+    """A student's model built by their code (``path/file.py:load``; **it runs**) from
+    ``weights``, labelled ``label`` in what is printed, and checked against ``data`` as
+    far as it shows: its action count and frame size, and its training-data record
+    (:func:`check_trained_on`; a warning when it has none). The notebook's route too."""
+    from .outside import load_outside_model
+
+    model = load_outside_model(
+        code, weights, device, action_dim=data.action_dim, image_size=data.image_size
+    )
+    print(f"Loaded the student's model {label!r} with {code} from {weights} (their code ran).")
+    shown = model.check_pairing()
+    print(
+        f"{label}: its model has {' and '.join(shown)}, as the data"
+        if shown
+        else f"{label}: its model says neither its action count nor its frame size; only its "
+        "outputs' shapes are checked"
+    )
+    record = {"data": model.trained_on} if model.trained_on else None
+    for warning in check_trained_on(record, data, weights):
+        print(f"warning: {warning}")
+    return model
 
 
 def get_profile_for_eval(

@@ -98,7 +98,8 @@ def test_cli_grades_a_student_model_on_the_student_data(
             str(student["weights"]), "--rssm-code", code, "--data", data]  # fmt: skip
     assert cli.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "their code ran" in out and "RSSM ceiling" in out and "argmax latents" in out
+    assert "their code ran" in out and "argmax latents" in out
+    assert "p03_model ceiling" in out  # labelled by the loader file's stem (no --rssm-name)
     assert (tmp_path / "figures" / "psnr_vs_horizon.png").exists()
     assert (tmp_path / "figures" / "action_sensitivity.png").exists()
 
@@ -139,7 +140,10 @@ def test_notebook_section4_cells_grade_a_student_model(
     text = json.dumps([o.get("text", "") for c in nb.cells for o in c.outputs])
     assert "RSSM: its model has no predict_one_step" in text  # skipped in one sentence
     assert "STORM: teacher-forced one-step PSNR" in text
-    assert "RSSM: at step 1 its argmax rollout is" in text
+    # its img_step takes no sample flag: no prior-sampling effect is claimed for it
+    assert "RSSM: at step 1 its rollout is" in text
+    assert "it takes no mode, so this model samples in both modes (or in neither)" in text
+    assert "sampling the prior moves it" not in text.split("RSSM: at step 1")[1]
 
 
 # ------------------------------------------------------------------ bad student code
