@@ -1,4 +1,5 @@
-"""Command line: ``python -m storm_lib collect | train | evaluate | import-data | compare-priors``.
+"""Command line: ``python -m storm_lib collect | train | evaluate | import-data |
+compare-priors | compare-results | play``.
 
 Examples::
 
@@ -12,6 +13,9 @@ Examples::
     python -m storm_lib import-data their_replay.npz --env ALE/Boxing-v5 --out data/p03.npz
     python -m storm_lib compare-priors --profile cpu --data data/boxing_30000_seed0.npz \\
         --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
+    python -m storm_lib evaluate ... --json results/mine.json    # every number, as JSON
+    python -m storm_lib compare-results results/cpu.json results/gpu.json --out cmp.png
+    python -m storm_lib play --storm checkpoints/storm_cpu.pt    # needs a display
 
 Files are never written over unless they are our own and --force asks for it: a data
 file or checkpoint from elsewhere is only read. Errors print as one paragraph; --debug
@@ -109,6 +113,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         allow_partial=args.allow_partial,
         rssm_latent=args.rssm_latent,
         rssm_code=args.rssm_code,
+        json_path=args.json,
+        overwrite_json=args.force,
     )
 
 
@@ -146,6 +152,31 @@ def _compare_priors(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot_prior_comparison(result).savefig(out / "prior_comparison.png", bbox_inches="tight")
     print(f"wrote {out / 'prior_comparison.png'} in {time.perf_counter() - start:.0f} s")
+
+
+def _compare_results(args: argparse.Namespace) -> None:
+    from .plots import plot_results_comparison, save_figure
+    from .results import load
+
+    out = Path(args.out)
+    if any(out.resolve() == Path(p).resolve() for p in args.files):
+        raise ValueError(f"--out {out} is one of the results files; give a figure file")
+    runs: dict[str, dict] = {}
+    for path in args.files:
+        doc = load(path)
+        label = doc["run"]["label"]
+        runs[label if label not in runs else f"{label} ({path})"] = doc
+    save_figure(plot_results_comparison(runs, mode=args.mode), out)
+    for label, doc in runs.items():
+        horizon = doc["protocol"]["horizon"]
+        for name, model in doc["models"].items():
+            s = model["psnr"][args.mode]
+            hw = [float("nan") if v is None else v for v in s["half_width"]]
+            print(
+                f"{label} / {name}: {s['mean'][0]:.2f} ± {hw[0]:.2f} dB at step 1, "
+                f"{s['mean'][-1]:.2f} ± {hw[-1]:.2f} dB at step {horizon} (n={s['n']})"
+            )
+    print(f"wrote {out}")
 
 
 PROFILE_HELP = "smoke | cpu | gpu | paper | auto (default: STORM_PROFILE, else auto)"
@@ -213,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-partial", action="store_true", help="score unfinished checkpoints")
     p.add_argument("--profile", help="profile for the evaluation settings")
     p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument(
+        "--json", metavar="PATH",
+        help="also write every number to this results file (storm_lib.results; never over a "
+        "file that is not one of ours)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace our results file at --json")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -243,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", "--retrain", action="store_true", help=FORCE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_compare_priors)
+
+    p = sub.add_parser(
+        "compare-results", parents=[common],
+        help="PSNR against horizon of saved runs (results JSON files) on one axes",
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", metavar="RESULTS.json", help="files of evaluate --json")
+    p.add_argument(
+        "--out", default="figures/results_comparison.png", help="figure (.png/.pdf/.svg)"
+    )
+    p.add_argument("--mode", choices=("mode", "sample"), default="mode",
+                   help="argmax (mode, default) or sampled latents")  # fmt: skip
+    p.set_defaults(func=_compare_results)
     return parser
 
 

@@ -249,6 +249,8 @@ def evaluate_checkpoints(
     allow_partial: bool = False,
     rssm_latent: tuple[int, int] | None = None,
     rssm_code: str | None = None,
+    json_path: str | Path | None = None,
+    overwrite_json: bool = False,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
@@ -264,7 +266,11 @@ def evaluate_checkpoints(
     weights are not installed). ``rssm_latent`` is ``(K, V)`` for a bare P03 state dict,
     whose shapes only give K * V. With ``rssm_code`` (``path/to/p03_model.py:load``)
     the RSSM is the student's own model, built by their code from the ``rssm`` weights
-    (:func:`storm_lib.outside.load_outside_model`; **their code runs**).
+    (:func:`storm_lib.outside.load_outside_model`; **their code runs**). With
+    ``json_path``, every number goes to that results file as well
+    (:mod:`storm_lib.results`; what evaluation does not compute is null). It is checked
+    before anything runs: a file there that is not a results file of ours is never
+    overwritten, and one of ours only with ``overwrite_json``.
 
     Returns ``{"mode": ..., "sample": ...}`` of ``RolloutPSNR.to_dict()``, ``"actions"``
     (and ``"fvd"``).
@@ -275,14 +281,20 @@ def evaluate_checkpoints(
 
     if storm is None and rssm is None:
         raise ValueError("give --storm and/or --rssm")
+    if json_path is not None:
+        from .results import check_target
+
+        check_target(json_path, overwrite=overwrite_json)
     start = time.perf_counter()
     device = default_device(device)
     config = get_profile_for_eval(storm, profile, device)
     all_data = TrajectoryData.load(data)
     _, val_data = all_data.split(config.data.val_fraction, seed=config.data.seed)
     models: dict[str, RolloutModel] = {}
+    histories: dict[str, History] = {}
     if storm is not None:
-        _checked_payload(storm, all_data, allow_partial=allow_partial)
+        payload = _checked_payload(storm, all_data, allow_partial=allow_partial)
+        histories["STORM"] = History.from_dict(payload["history"] if payload else None)
         models["STORM"] = load_checkpoint(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
@@ -295,7 +307,7 @@ def evaluate_checkpoints(
         )  # fmt: skip
         print(f"Loaded the student's model with {rssm_code} from {rssm} (their code ran).")
     elif rssm is not None:
-        models["RSSM"], _ = load_p03(
+        models["RSSM"], histories["RSSM"] = load_p03(
             rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
         )
     ev = config.eval
@@ -327,6 +339,7 @@ def evaluate_checkpoints(
     print(f"wrote {out / 'psnr_vs_horizon.png'} and action_sensitivity.png in {seconds:.0f} s")
     summary: dict = {mode: r.to_dict() for mode, r in results.items()}
     summary["actions"] = {name: sens.to_dict() for name, sens in sensitivity.items()}
+    notes: list[str] = []
     if fvd and ev.fvd_count:
         from .fvd import fvd_for_models
         from .i3d import FVDWeightsError
@@ -339,10 +352,20 @@ def evaluate_checkpoints(
             )  # fmt: skip
         except FVDWeightsError as exc:
             print(f"FVD skipped: {exc}")
+            notes.append(f"FVD skipped: {exc}")
         else:
             values = ", ".join(f"{k} {v:.0f}" for k, v in scores["fvd"].items())
             print(f"FVD over {scores['clips']} clips ({scores['seconds']:.0f} s): {values}")
             summary["fvd"] = scores
+    if json_path is not None:
+        from .results import save_run_results
+
+        save_run_results(
+            json_path, results, overwrite=overwrite_json, histories=histories,
+            sensitivity=sensitivity, fvd=summary.get("fvd"), config=config, device=device,
+            checkpoints={"STORM": storm, "RSSM": rssm}, started=start, command="evaluate",
+            notes=notes,
+        )  # fmt: skip
     return summary
 
 
