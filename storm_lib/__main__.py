@@ -179,6 +179,34 @@ def _compare_results(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _play(args: argparse.Namespace) -> None:
+    from .play_ui import NOTEBOOK_CELL, display_problem
+
+    problem = display_problem()  # before anything slow
+    if problem:
+        raise ValueError(f"{problem}: play in the notebook instead, {NOTEBOOK_CELL}")
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .data import TrajectoryData
+    from .play import ImaginedGame, held_out_context
+    from .play_ui import play_window
+    from .workflow import check_trained_on, data_path
+
+    payload = read_checkpoint(args.storm, "cpu")
+    config = payload["config"]
+    data = TrajectoryData.load(args.data or data_path(config))
+    for warning in check_trained_on(payload, data, args.storm):
+        print(f"warning: {warning}")
+    model = load_checkpoint(args.storm, args.device, kind="storm", action_dim=data.action_dim)
+    _, val = data.split(config.data.val_fraction, seed=config.data.seed)
+    obs, actions = held_out_context(val, config.eval.context, args.seed)
+    game = ImaginedGame(model, obs, actions, mode=args.mode, action_meanings=data.action_meanings)
+    print(f"Playing {args.storm} from a held-out context of {data}; close the window to stop.")
+    try:
+        play_window(game)
+    except RuntimeError as exc:  # no window after all: said as one paragraph, like the rest
+        raise ValueError(str(exc)) from None
+
+
 PROFILE_HELP = "smoke | cpu | gpu | paper | auto (default: STORM_PROFILE, else auto)"
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available)"
 FORCE_HELP = "replace an existing file of ours with other settings (never a foreign file)"
@@ -292,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("mode", "sample"), default="mode",
                    help="argmax (mode, default) or sampled latents")  # fmt: skip
     p.set_defaults(func=_compare_results)
+
+    p = sub.add_parser(
+        "play", parents=[common], help="play inside STORM's imagination in a desktop window"
+    )
+    p.add_argument("--storm", required=True, help="STORM checkpoint")
+    p.add_argument("--data", help="trajectories .npz (default: the checkpoint profile's file)")
+    p.add_argument("--mode", choices=("mode", "sample"), default="mode",
+                   help="argmax (mode, default) or sampled latents")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="which held-out context (default 0)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.set_defaults(func=_play)
     return parser
 
 

@@ -382,6 +382,20 @@ def animation_html(anim: animation.FuncAnimation) -> str:
     return anim.to_jshtml()
 
 
+def animation_gif_html(anim: animation.FuncAnimation, *, fps: float = 4.0) -> str:
+    """The animation as an inline looping GIF (an ``<img>`` tag): no controls, but about a
+    third of :func:`animation_html`'s size for frames of flat Atari colours, which keeps
+    an executed notebook small."""
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "animation.gif"
+        anim.save(path, writer=animation.PillowWriter(fps=fps))
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/gif;base64,{data}" alt="animation"/>'
+
+
 def plot_results_comparison(runs: Mapping[str, Mapping[str, Any]], *, mode: str = "mode") -> Figure:
     """PSNR against horizon of saved runs on one axes: one line with its 95% band for each
     model of each run, labelled ``"run / model"``; runs differ by line style.
@@ -578,6 +592,7 @@ def plot_sliding_window(result: SlidingWindowLoss | Mapping[int, float]) -> Figu
 
 
 __all__ = [
+    "animation_gif_html",
     "animation_html",
     "grid_animation",
     "plot_action_sensitivity",
