@@ -228,18 +228,18 @@ def run_record(
     """
     import torch
 
-    from .utils import autocast_dtype, default_device, describe_precision
+    from .utils import autocast_dtype, cpu_name, default_device, describe_precision
 
     device = default_device(device)
     elapsed = 0.0 if started is None else time.perf_counter() - started
     began = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=elapsed)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     precision = None
     if config is not None:
         dtype = autocast_dtype(config.train.precision, device)
         precision = {
             "training": config.train.precision,
-            "training_autocast": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+            "training_autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
             "evaluation": "fp32",  # evaluation never autocasts
             "description": describe_precision(config.train.precision, device),
         }

@@ -287,3 +287,14 @@ def test_compare_results_never_writes_over_an_input_or_a_foreign_file(
     assert _cli("compare-results", a, "--out", out) == 1
     assert capsys.readouterr().err.startswith("error: ")
     assert (out.read_bytes() if out.exists() else None) == before
+
+
+def test_the_cpu_is_named_by_its_model(tmp_path: Path) -> None:
+    from storm_lib.utils import cpu_flags, cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core\nflags\t\t: fpu avx512_bf16\n"
+    )
+    assert cpu_name(info) == "AMD EPYC 9R14 96-Core" and cpu_flags(info) == {"fpu", "avx512_bf16"}
+    assert cpu_name(tmp_path / "missing") and cpu_flags(tmp_path / "missing") == set()
