@@ -66,7 +66,12 @@ def test_reset_equals_a_fresh_game(model, context, mode: str) -> None:
     assert _same(_play(game, ACTIONS), _play(_game(model, context, mode=mode, seed=7), ACTIONS))
 
 
-def test_cached_steps_equal_the_recomputed_rollout(model, context) -> None:
+@pytest.mark.parametrize("layout", ["fused", "interleaved"])
+def test_cached_steps_equal_the_recomputed_rollout(model, context, layout: str) -> None:
+    if layout != "fused":
+        config = get_profile("smoke")
+        config.transformer.token_layout = layout
+        model = build_world_model("storm", config, len(MEANINGS), "cpu")
     obs, actions = context
     horizon = 8
     game = _game(model, context)
