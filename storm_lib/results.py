@@ -52,9 +52,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+MAX_BYTES = 64 << 20
+"""Larger files are not results files (ours are tens of kB); they are not even read."""
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise ResultsError(f"{path}: no such results file")
+    if path.stat().st_size > MAX_BYTES:
+        raise ResultsError(f"{path}: over {MAX_BYTES >> 20} MiB, not a results file")
     try:
         return json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:

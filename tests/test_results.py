@@ -298,3 +298,14 @@ def test_the_cpu_is_named_by_its_model(tmp_path: Path) -> None:
     )
     assert cpu_name(info) == "AMD EPYC 9R14 96-Core" and cpu_flags(info) == {"fpu", "avx512_bf16"}
     assert cpu_name(tmp_path / "missing") and cpu_flags(tmp_path / "missing") == set()
+
+
+def test_a_huge_file_is_neither_read_nor_overwritten(run, tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    with path.open("wb") as f:  # sparse: costs no disk
+        f.truncate(res.MAX_BYTES + 1)
+    with pytest.raises(res.ResultsError, match="not a results file"):
+        res.load(path)
+    with pytest.raises(res.ResultsError, match="is never overwritten"):
+        res.write(path, res.build_results(run["results"]), overwrite=True)
+    assert path.stat().st_size == res.MAX_BYTES + 1
