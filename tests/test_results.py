@@ -309,3 +309,17 @@ def test_a_huge_file_is_neither_read_nor_overwritten(run, tmp_path: Path) -> Non
     with pytest.raises(res.ResultsError, match="is never overwritten"):
         res.write(path, res.build_results(run["results"]), overwrite=True)
     assert path.stat().st_size == res.MAX_BYTES + 1
+
+
+@pytest.mark.parametrize(("capability", "autocast"), [((9, 0), "bf16"), ((7, 5), "fp16")])
+def test_a_gpu_run_records_its_gpu_and_autocast(monkeypatch, capability, autocast) -> None:
+    # A stand-in CUDA device: only the queries the run record makes.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    record = res.run_record(config=SMOKE, device="cuda:0")
+    assert record["device"] == "cuda:0" and record["device_name"] == "NVIDIA H200"
+    assert record["label"] == "smoke (NVIDIA H200)"
+    assert record["precision"]["training_autocast"] == autocast
+    assert "compute capability" in record["precision"]["description"]
