@@ -1,4 +1,5 @@
-"""Command line: ``python -m storm_lib collect | train | evaluate | import-data | compare-priors``.
+"""Command line: ``python -m storm_lib collect | train | evaluate | import-data |
+compare-priors | compare-results | play``.
 
 Examples::
 
@@ -13,6 +14,9 @@ Examples::
     python -m storm_lib import-data logdir/train_eps/ --env ALE/Boxing-v5 --out data/p03.npz
     python -m storm_lib compare-priors --profile cpu --data data/boxing_30000_seed0.npz \\
         --mlp checkpoints/storm_cpu.pt --maskgit checkpoints/storm_maskgit_cpu.pt
+    python -m storm_lib evaluate ... --json results/mine.json    # every number, as JSON
+    python -m storm_lib compare-results results/cpu.json results/gpu.json --out cmp.png
+    python -m storm_lib play --storm checkpoints/storm_cpu.pt    # needs a display
 
 Files are never written over unless they are our own and --force asks for it: a data
 file or checkpoint from elsewhere is only read. Errors print as one paragraph; --debug
@@ -111,6 +115,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         rssm_latent=args.rssm_latent,
         rssm_code=args.rssm_code,
         rssm_name=args.rssm_name,
+        json_path=args.json,
+        overwrite_json=args.force,
     )
 
 
@@ -149,6 +155,59 @@ def _compare_priors(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot_prior_comparison(result).savefig(out / "prior_comparison.png", bbox_inches="tight")
     print(f"wrote {out / 'prior_comparison.png'} in {time.perf_counter() - start:.0f} s")
+
+
+def _compare_results(args: argparse.Namespace) -> None:
+    from .plots import plot_results_comparison, save_figure
+    from .results import load
+
+    out = Path(args.out)
+    if any(out.resolve() == Path(p).resolve() for p in args.files):
+        raise ValueError(f"--out {out} is one of the results files; give a figure file")
+    runs: dict[str, dict] = {}
+    for path in args.files:
+        doc = load(path)
+        label = doc["run"]["label"]
+        runs[label if label not in runs else f"{label} ({path})"] = doc
+    save_figure(plot_results_comparison(runs, mode=args.mode), out)
+    for label, doc in runs.items():
+        horizon = doc["protocol"]["horizon"]
+        for name, model in doc["models"].items():
+            s = model["psnr"][args.mode]
+            hw = [float("nan") if v is None else v for v in s["half_width"]]
+            print(
+                f"{label} / {name}: {s['mean'][0]:.2f} ± {hw[0]:.2f} dB at step 1, "
+                f"{s['mean'][-1]:.2f} ± {hw[-1]:.2f} dB at step {horizon} (n={s['n']})"
+            )
+    print(f"wrote {out}")
+
+
+def _play(args: argparse.Namespace) -> None:
+    from .play_ui import NOTEBOOK_CELL, display_problem
+
+    problem = display_problem()  # before anything slow
+    if problem:
+        raise ValueError(f"{problem}: play in the notebook instead, {NOTEBOOK_CELL}")
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .data import TrajectoryData
+    from .play import ImaginedGame, held_out_context
+    from .play_ui import play_window
+    from .workflow import check_trained_on, data_path
+
+    payload = read_checkpoint(args.storm, "cpu")
+    config = payload["config"]
+    data = TrajectoryData.load(args.data or data_path(config))
+    for warning in check_trained_on(payload, data, args.storm):
+        print(f"warning: {warning}")
+    model = load_checkpoint(args.storm, args.device, kind="storm", action_dim=data.action_dim)
+    _, val = data.split(config.data.val_fraction, seed=config.data.seed)
+    obs, actions = held_out_context(val, config.eval.context, args.seed)
+    game = ImaginedGame(model, obs, actions, mode=args.mode, action_meanings=data.action_meanings)
+    print(f"Playing {args.storm} from a held-out context of {data}; close the window to stop.")
+    try:
+        play_window(game)
+    except RuntimeError as exc:  # no window after all: said as one paragraph, like the rest
+        raise ValueError(str(exc)) from None
 
 
 PROFILE_HELP = "smoke | cpu | gpu | paper | auto (default: STORM_PROFILE, else auto)"
@@ -221,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-partial", action="store_true", help="score unfinished checkpoints")
     p.add_argument("--profile", help="profile for the evaluation settings")
     p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument(
+        "--json", metavar="PATH",
+        help="also write every number to this results file (storm_lib.results; never over a "
+        "file that is not one of ours)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace our results file at --json")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -255,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", "--retrain", action="store_true", help=FORCE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=_compare_priors)
+
+    p = sub.add_parser(
+        "compare-results", parents=[common],
+        help="PSNR against horizon of saved runs (results JSON files) on one axes",
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", metavar="RESULTS.json", help="files of evaluate --json")
+    p.add_argument(
+        "--out", default="figures/results_comparison.png", help="figure (.png/.pdf/.svg)"
+    )
+    p.add_argument("--mode", choices=("mode", "sample"), default="mode",
+                   help="argmax (mode, default) or sampled latents")  # fmt: skip
+    p.set_defaults(func=_compare_results)
+
+    p = sub.add_parser(
+        "play", parents=[common], help="play inside STORM's imagination in a desktop window"
+    )
+    p.add_argument("--storm", required=True, help="STORM checkpoint")
+    p.add_argument("--data", help="trajectories .npz (default: the checkpoint profile's file)")
+    p.add_argument("--mode", choices=("mode", "sample"), default="mode",
+                   help="argmax (mode, default) or sampled latents")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="which held-out context (default 0)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.set_defaults(func=_play)
     return parser
 
 

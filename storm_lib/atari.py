@@ -241,6 +241,75 @@ class TwinFutures:
         return self.psnr.mean(0)
 
 
+class Emulator:
+    """The real game stepped the way :func:`collect` records it (``frameskip`` emulator
+    frames per agent step, the last two max-pooled, sticky actions inside ALE), with its
+    state saved and restored for replays (:func:`twin_futures`, the play demo).
+
+    Args:
+        env_id: an ALE id such as ``"ALE/Boxing-v5"``.
+        seed: seed of the first reset (later resets carry the env's RNG on).
+        image_size: S, side of the frames :meth:`frames` returns.
+        frameskip: emulator frames per agent step.
+        sticky_prob: probability that the emulator repeats the previous action.
+
+    Attributes:
+        action_meanings: the minimal action set's names; actions are indices into it.
+    """
+
+    def __init__(
+        self, env_id: str = "ALE/Boxing-v5", *, seed: int = 0, image_size: int = 64,
+        frameskip: int = 4, sticky_prob: float = 0.25,
+    ) -> None:  # fmt: skip
+        self.env = _make_env(env_id, frameskip, sticky_prob)
+        self.env.reset(seed=seed)
+        self.ale, self._action_set = self.env.unwrapped.ale, self.env.unwrapped._action_set
+        self.action_meanings = list(self.env.unwrapped.get_action_meanings())
+        self.image_size, self.frameskip = image_size, frameskip
+        height, width = self.ale.getScreenDims()
+        self._prev = np.empty((height, width, 3), np.uint8)
+        self._cur = np.empty((height, width, 3), np.uint8)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self._action_set)
+
+    def step(self, action: int) -> tuple[np.ndarray, float]:
+        """Play action index ``action`` for one agent step: the full-size frame after it
+        ``[H, W, 3]`` uint8 (max of the last two emulator frames) and the reward."""
+        reward, code = 0.0, self._action_set[action]
+        for k in range(self.frameskip):
+            reward += self.ale.act(code)
+            if k == self.frameskip - 2:
+                self.ale.getScreenRGB(self._prev)
+        self.ale.getScreenRGB(self._cur)
+        frame = np.maximum(self._cur, self._prev) if self.frameskip > 1 else self._cur.copy()
+        return frame, reward
+
+    def frames(self, raw: list[np.ndarray]) -> np.ndarray:
+        """Full-size frames as :func:`collect` stores them, in [0, 1]: ``[n, 3, S, S]``."""
+        out = np.empty((len(raw), 3, self.image_size, self.image_size), np.uint8)
+        _resize(np.stack(raw), out)
+        return out.astype(np.float32) / 255.0
+
+    def game_over(self) -> bool:
+        return bool(self.ale.game_over())
+
+    def reset(self) -> None:
+        self.env.reset()
+
+    def clone_state(self) -> Any:
+        """The emulator's state (sticky actions' RNG excluded, so replays differ as two
+        draws of the real game do)."""
+        return self.ale.cloneState()
+
+    def restore_state(self, state: Any) -> None:
+        self.ale.restoreState(state)
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def twin_futures(
     env_id: str = "ALE/Boxing-v5",
     *,
@@ -262,46 +331,34 @@ def twin_futures(
     """
     if count < 1 or horizon < 1:
         raise DataError(f"count and horizon must be >= 1, got {count}, {horizon}")
-    env = _make_env(env_id, frameskip, sticky_prob)
-    env.reset(seed=seed)
-    ale, action_set = env.unwrapped.ale, env.unwrapped._action_set
+    game = Emulator(
+        env_id, seed=seed, image_size=image_size, frameskip=frameskip, sticky_prob=sticky_prob
+    )
     rng = np.random.default_rng(seed)
-    height, width = ale.getScreenDims()
-    prev, cur = np.empty((height, width, 3), np.uint8), np.empty((height, width, 3), np.uint8)
-
-    def step(action: int) -> np.ndarray:
-        for k in range(frameskip):
-            ale.act(action)
-            if k == frameskip - 2:
-                ale.getScreenRGB(prev)
-        ale.getScreenRGB(cur)
-        return np.maximum(cur, prev) if frameskip > 1 else cur.copy()
-
-    def frames(raw: list[np.ndarray]) -> np.ndarray:
-        out = np.empty((len(raw), 3, image_size, image_size), np.uint8)
-        _resize(np.stack(raw), out)
-        return out.astype(np.float32) / 255.0
 
     def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         mse = ((a - b) ** 2).mean(axis=(-3, -2, -1))
         return np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-30)), cap)
 
+    def play(actions: np.ndarray) -> np.ndarray:
+        return game.frames([game.step(a)[0] for a in actions])
+
     twins, copies = np.empty((count, horizon)), np.empty((count, horizon))
     try:
         for i in range(count):
             for _ in range(rng.integers(5, 60)):  # move on to a new state
-                step(action_set[rng.integers(len(action_set))])
-                if ale.game_over():
-                    env.reset()
-            last = frames([step(action_set[rng.integers(len(action_set))])])[0]
-            state = ale.cloneState()
-            actions = [action_set[k] for k in rng.integers(len(action_set), size=horizon)]
-            first = frames([step(a) for a in actions])
-            ale.restoreState(state)
-            second = frames([step(a) for a in actions])
+                game.step(rng.integers(game.action_dim))
+                if game.game_over():
+                    game.reset()
+            last = play(rng.integers(game.action_dim, size=1))[0]
+            state = game.clone_state()
+            actions = rng.integers(game.action_dim, size=horizon)
+            first = play(actions)
+            game.restore_state(state)
+            second = play(actions)
             twins[i], copies[i] = psnr(first, second), psnr(first, last)
-            if ale.game_over():
-                env.reset()
+            if game.game_over():
+                game.reset()
     finally:
-        env.close()
+        game.close()
     return TwinFutures(psnr=twins, copy_last=copies, cap=cap)

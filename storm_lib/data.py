@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 from .types import Batch
 
 FORMAT = "storm_lib.data/1"
@@ -41,14 +41,6 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
     return atomic_write(
         path, lambda f: np.savez_compressed(f, **arrays, meta=np.array(json.dumps(meta)))
     )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
@@ -160,7 +152,7 @@ class TrajectoryData:
             raise DataError(f"{path}: meta is not valid JSON ({e})") from e
         if not isinstance(meta, dict):
             raise DataError(f"{path}: meta must be a JSON object stored as a 0-d string")
-        return cls(*_validate(arrays, meta, str(path)), path, _file_sha256(path))
+        return cls(*_validate(arrays, meta, str(path)), path, file_sha256(path))
 
     @classmethod
     def from_arrays(

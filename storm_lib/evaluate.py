@@ -118,6 +118,9 @@ MODES = ("mode", "sample")
 NO_MODE = "this model samples in both modes (or in neither)"
 """What the tables and the report say of a model whose ``imagine`` takes no mode."""
 
+CEILING_KINDS = {"mode": "argmax", "sample": "posterior sample"}
+"""What each mode's ceilings decode: the posterior's argmax, or a posterior sample."""
+
 BASELINES = ("copy-last", "linear extrapolation", "context mean")
 """The trivial predictors of :func:`baseline_predictions`, in table order."""
 
@@ -179,7 +182,7 @@ class RolloutPSNR:
     @property
     def ceiling_kind(self) -> str:
         """What the ceilings decode: ``"argmax"`` or ``"posterior sample"``."""
-        return "argmax" if self.mode == "mode" else "posterior sample"
+        return CEILING_KINDS[self.mode]
 
     def rows(self) -> dict[str, StepStats]:
         """Every scored row in table order: models, ceilings, baselines."""
@@ -189,29 +192,10 @@ class RolloutPSNR:
         return out
 
     def table(self, steps: Sequence[int] = (1, 3, 5, 10)) -> str:
-        """Fixed-width text table of ``mean ± 95% half-width`` (dB) at ``steps``."""
-        shown = [k for k in steps if 1 <= k <= self.horizon]
-        rows = self.rows()
-        width = max(len(name) for name in rows) + 2
-        head = "".join(f"{'step ' + str(k):>16}" for k in shown)
-        latents = "argmax latents" if self.mode == "mode" else "sampled latents"
-        lines = [
-            f"PSNR in dB, mean ± 95% half-width over {self.copy_last.n} windows "
-            f"(context {self.context}, {latents}; ceilings decode the {self.ceiling_kind})",
-            f"{'':<{width}}{head}",
-        ]
-        for name, s in rows.items():
-            cells = "".join(f"{s.mean[k - 1]:>9.2f} ± {s.half_width[k - 1]:<4.2f}" for k in shown)
-            lines.append(f"{name:<{width}}{cells}")
-        if self.entropy:
-            values = ", ".join(f"{k} {v:.2f}" for k, v in self.entropy.items())
-            lines.append(f"posterior entropy per categorical (nats): {values}")
-        for name in self.mode_ignored:
-            lines.append(
-                f"note: {name} takes no mode, so {NO_MODE}: its rows are the same rollout as in "
-                "the other mode's table"
-            )
-        return "\n".join(lines)
+        """Fixed-width text table of ``mean ± 95% half-width`` (dB) at ``steps``, rendered
+        from :meth:`to_dict` by :func:`psnr_table` (so a saved results file prints the
+        same table)."""
+        return psnr_table(self.to_dict(), steps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists and numbers), e.g. for JSON."""
@@ -226,6 +210,39 @@ class RolloutPSNR:
             "entropy": dict(self.entropy),
             "mode_ignored": list(self.mode_ignored),
         }
+
+
+def psnr_table(summary: Mapping[str, Any], steps: Sequence[int] = (1, 3, 5, 10)) -> str:
+    """The text table of :meth:`RolloutPSNR.table` from its :meth:`RolloutPSNR.to_dict`
+    form (or :func:`storm_lib.results.psnr_summary` of a saved file, where a missing
+    half-width is ``None``): models, their ceilings, baselines, at ``steps``."""
+    horizon, mode = summary["horizon"], summary["mode"]
+    shown = [k for k in steps if 1 <= k <= horizon]
+    rows = dict(summary["models"])
+    rows.update({f"{name} ceiling": s for name, s in summary["ceilings"].items()})
+    rows.update(summary["baselines"])
+    width = max(len(name) for name in rows) + 2
+    head = "".join(f"{'step ' + str(k):>16}" for k in shown)
+    latents = "argmax latents" if mode == "mode" else "sampled latents"
+    lines = [
+        f"PSNR in dB, mean ± 95% half-width over {summary['baselines']['copy-last']['n']} "
+        f"windows (context {summary['context']}, {latents}; ceilings decode the "
+        f"{CEILING_KINDS[mode]})",
+        f"{'':<{width}}{head}",
+    ]
+    for name, s in rows.items():
+        hw = [math.nan if v is None else v for v in s["half_width"]]
+        cells = "".join(f"{s['mean'][k - 1]:>9.2f} ± {hw[k - 1]:<4.2f}" for k in shown)
+        lines.append(f"{name:<{width}}{cells}")
+    if summary["entropy"]:
+        values = ", ".join(f"{k} {v:.2f}" for k, v in summary["entropy"].items())
+        lines.append(f"posterior entropy per categorical (nats): {values}")
+    for name in summary.get("mode_ignored", ()):
+        lines.append(
+            f"note: {name} takes no mode, so {NO_MODE}: its rows are the same rollout as in "
+            "the other mode's table"
+        )
+    return "\n".join(lines)
 
 
 def _windows(data: Data, length: int, count: int, seed: int) -> Batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -47,6 +48,16 @@ def _disk_full_error(path: Path, exc: BaseException) -> OSError:
         return OSError(errno.ENOSPC, "no space left on the disk; nothing was written", str(path))
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return OSError(getattr(exc, "errno", None) or errno.EIO, f"write failed: {reason}", str(path))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes as hex, read in 1 MiB blocks (identifies data files and
+    checkpoints whatever their name)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:

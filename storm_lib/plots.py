@@ -10,6 +10,7 @@ Glossary: B batch, T time, C context, H horizon, K categoricals, V classes, N to
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 
 from .diagnostics import SlidingWindowLoss, TokenStatistics
 from .evaluate import RolloutPSNR
+from .files import atomic_write
 
 DPI = 100
 """Resolution of every figure."""
@@ -323,28 +325,139 @@ def rollout_animation(
     Shapes:
         truth and each rollout: ``[H, 3, S, S]``.
     """
-    rows = {"truth": _frames(truth), **{k: _frames(v) for k, v in rollouts.items()}}
-    fig, axes = _figure(1, len(rows), size=(1.6 * len(rows), 1.9))
-    images = []
-    for ax, (name, frames) in zip(axes[0], rows.items(), strict=True):
+    return grid_animation({"truth": truth, **rollouts}, interval=interval)
+
+
+def grid_animation(
+    panels: Mapping[str, Any],
+    *,
+    cols: int | None = None,
+    captions: Mapping[str, Sequence[str]] | None = None,
+    interval: int = 300,
+    panel_size: float = 1.6,
+    title: str = "step {k}",
+) -> animation.FuncAnimation:
+    """Frame sequences played side by side, one panel each, in rows of ``cols``.
+
+    Args:
+        panels: panel title -> frames ``[T, 3, S, S]`` (the same T for every panel).
+        cols: panels per row (default: all in one row).
+        captions: panel title -> one line of text per frame, shown under the panel.
+        interval: milliseconds per frame.
+        panel_size: inches per panel.
+        title: the figure title; ``{k}`` is the frame number from 1.
+
+    Render inline with :func:`animation_html`.
+    """
+    rows = {name: _frames(frames) for name, frames in panels.items()}
+    lengths = {len(f) for f in rows.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"every panel needs the same number of frames, got {sorted(lengths)}")
+    cols = cols or len(rows)
+    grid = -(-len(rows) // cols)
+    fig, axes = _figure(grid, cols, size=(panel_size * cols, (panel_size + 0.3) * grid))
+    images, labels = [], []
+    for ax, (name, frames) in zip(axes.flat, rows.items(), strict=False):
         images.append(ax.imshow(_img(frames[0])))
         ax.set_title(name, fontsize=8)
+        labels.append(ax.set_xlabel(captions[name][0] if captions else "", fontsize=7))
         _off(ax)
-    label = fig.suptitle("step 1", fontsize=9)
-    horizon = len(rows["truth"])
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.set_axis_off()
+    label = fig.suptitle(title.format(k=1), fontsize=9)
 
     def update(k: int) -> list[Any]:
-        for im, frames in zip(images, rows.values(), strict=True):
+        for im, text, (name, frames) in zip(images, labels, rows.items(), strict=True):
             im.set_data(_img(frames[k]))
-        label.set_text(f"step {k + 1}")
-        return [*images, label]
+            if captions:
+                text.set_text(captions[name][k])
+        label.set_text(title.format(k=k + 1))
+        return [*images, *labels, label]
 
-    return animation.FuncAnimation(fig, update, frames=horizon, interval=interval, blit=False)
+    return animation.FuncAnimation(fig, update, frames=lengths.pop(), interval=interval, blit=False)
 
 
 def animation_html(anim: animation.FuncAnimation) -> str:
     """The animation as self-contained HTML/JS for a notebook (``IPython.display.HTML``)."""
     return anim.to_jshtml()
+
+
+def animation_gif_html(anim: animation.FuncAnimation, *, fps: float = 4.0) -> str:
+    """The animation as an inline looping GIF (an ``<img>`` tag): no controls, but about a
+    third of :func:`animation_html`'s size for frames of flat Atari colours, which keeps
+    an executed notebook small."""
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "animation.gif"
+        anim.save(path, writer=animation.PillowWriter(fps=fps))
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/gif;base64,{data}" alt="animation"/>'
+
+
+def plot_results_comparison(runs: Mapping[str, Mapping[str, Any]], *, mode: str = "mode") -> Figure:
+    """PSNR against horizon of saved runs on one axes: one line with its 95% band for each
+    model of each run, labelled ``"run / model"``; runs differ by line style.
+
+    Args:
+        runs: run label -> a results document (:func:`storm_lib.results.load`).
+        mode: ``"mode"`` (argmax latents) or ``"sample"`` (sampled latents).
+    """
+    fig, axes = _figure(size=(7.5, 4.2))
+    ax = axes[0, 0]
+    styles = ("-", "--", ":", "-.")
+    line = 0
+    for r, (label, doc) in enumerate(runs.items()):
+        for name, model in doc["models"].items():
+            stats = model["psnr"][mode]
+            mean = np.asarray(stats["mean"], dtype=float)
+            hw = np.nan_to_num(np.asarray(stats["half_width"], dtype=float))
+            steps = np.arange(1, len(mean) + 1)
+            color = f"C{line % 10}"
+            ax.plot(steps, mean, styles[r % len(styles)], marker="o", markersize=3, color=color,
+                    label=f"{label} / {name}")  # fmt: skip
+            ax.fill_between(steps, mean - hw, mean + hw, color=color, alpha=0.15)
+            line += 1
+    latents = "argmax latents" if mode == "mode" else "sampled latents"
+    ax.set_title(f"PSNR vs horizon of saved runs ({latents}, 95% bands)", fontsize=9)
+    ax.set_xlabel("imagined step k (frame C+k)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+IMAGE_SIGNATURES = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg")}
+"""The figure formats :func:`save_figure` writes, and how a file of each kind begins."""
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names.
+
+    An existing file is replaced only when it is an image of that format (a figure an
+    earlier run wrote); anything else there is left as it is.
+
+    Raises:
+        ValueError: the suffix is not one of :data:`IMAGE_SIGNATURES`, or ``path`` holds
+            something other than such an image.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SIGNATURES:
+        raise ValueError(f"{path}: a figure must be {', '.join(IMAGE_SIGNATURES)}")
+    if path.exists():
+        with path.open("rb") as f:
+            head = f.read(8)
+        if not path.is_file() or not head.startswith(IMAGE_SIGNATURES[suffix]):
+            raise ValueError(
+                f"{path}: exists and is not a {suffix} image, so it is not overwritten: "
+                "choose another file for the figure"
+            )
+    return atomic_write(
+        path, lambda f: fig.savefig(f, format=suffix[1:], bbox_inches="tight", dpi=DPI)
+    )
 
 
 def plot_attention(maps: Any, *, per_head: bool = False, batch_index: int = 0) -> Figure:
@@ -479,12 +592,15 @@ def plot_sliding_window(result: SlidingWindowLoss | Mapping[int, float]) -> Figu
 
 
 __all__ = [
+    "animation_gif_html",
     "animation_html",
+    "grid_animation",
     "plot_action_sensitivity",
     "plot_attention",
     "plot_causal_mask",
     "plot_psnr_vs_horizon",
     "plot_reconstructions",
+    "plot_results_comparison",
     "plot_rollout_grid",
     "plot_sliding_window",
     "plot_step_time",
@@ -493,6 +609,7 @@ __all__ = [
     "plot_training_curves",
     "plot_val_loss_vs_time",
     "rollout_animation",
+    "save_figure",
 ]
 
 

@@ -43,29 +43,50 @@ def _beats_copy_last(result: RolloutPSNR, name: str, from_step: int = 3) -> str:
     return f"beats copy-last at steps {', '.join(map(str, wins))} only"
 
 
+def gap_numbers(results: Mapping[str, RolloutPSNR], name: str) -> dict[str, float] | None:
+    """The step-1 figures :func:`gap_decomposition` states, in dB (None for a model without
+    ceilings): the rollouts and ceilings of both modes, and the three parts, ``dynamics``
+    (argmax ceiling - argmax rollout), ``prior_sampling`` (sampled - argmax rollout) and
+    ``posterior_sampling`` (sample - argmax ceiling)."""
+    top, low = results["mode"], results["sample"]
+    if name not in top.ceilings or name not in low.ceilings:
+        return None
+    ceil_a, ceil_s = float(top.ceilings[name].mean[0]), float(low.ceilings[name].mean[0])
+    roll_a, roll_s = float(top.models[name].mean[0]), float(low.models[name].mean[0])
+    return {
+        "argmax_rollout": roll_a,
+        "sampled_rollout": roll_s,
+        "argmax_ceiling": ceil_a,
+        "sample_ceiling": ceil_s,
+        "dynamics": ceil_a - roll_a,
+        "prior_sampling": roll_s - roll_a,
+        "posterior_sampling": ceil_s - ceil_a,
+    }
+
+
 def gap_decomposition(results: Mapping[str, RolloutPSNR], name: str) -> str:
     """Where a model's step-1 shortfall comes from, from its argmax and sampled results:
     the dynamics (argmax ceiling - argmax rollout), sampling the prior (argmax rollout -
     sampled rollout) and sampling the posterior (argmax ceiling - sample ceiling). For a
     model that takes no mode, only the first, and the reason."""
-    top, low = results["mode"], results["sample"]
-    if name not in top.ceilings:
+    gap = gap_numbers(results, name)
+    if gap is None:
         return f"{name}: it has no reconstruct(), so no ceiling to split its gap against."
-    ceil_a, ceil_s = top.ceilings[name].mean[0], low.ceilings[name].mean[0]
-    roll_a, roll_s = top.models[name].mean[0], low.models[name].mean[0]
-    if name in top.mode_ignored:
+    if name in results["mode"].mode_ignored:
         return (
-            f"{name}: at step 1 its rollout is {ceil_a - roll_a:.1f} dB under its ceiling "
-            f"({roll_a:.1f} vs {ceil_a:.1f} dB); it takes no mode, so {NO_MODE}, and what "
-            "sampling the prior and the posterior cost it was not measured."
+            f"{name}: at step 1 its rollout is {gap['dynamics']:.1f} dB under its ceiling "
+            f"({gap['argmax_rollout']:.1f} vs {gap['argmax_ceiling']:.1f} dB); it takes no "
+            f"mode, so {NO_MODE}, and what sampling the prior and the posterior cost it was "
+            "not measured."
         )
-    entropy = top.entropy.get(name)
+    entropy = results["mode"].entropy.get(name)
     ent = f", posterior entropy {entropy:.2f} nats per categorical" if entropy is not None else ""
     return (
-        f"{name}: at step 1 its argmax rollout is {ceil_a - roll_a:.1f} dB under its argmax "
-        f"ceiling ({roll_a:.1f} vs {ceil_a:.1f} dB: the dynamics); sampling the prior moves it "
-        f"by {roll_s - roll_a:+.1f} dB and sampling the posterior moves the ceiling by "
-        f"{ceil_s - ceil_a:+.1f} dB ({ceil_s:.1f} dB{ent})."
+        f"{name}: at step 1 its argmax rollout is {gap['dynamics']:.1f} dB under its argmax "
+        f"ceiling ({gap['argmax_rollout']:.1f} vs {gap['argmax_ceiling']:.1f} dB: the "
+        f"dynamics); sampling the prior moves it by {gap['prior_sampling']:+.1f} dB and "
+        f"sampling the posterior moves the ceiling by {gap['posterior_sampling']:+.1f} dB "
+        f"({gap['sample_ceiling']:.1f} dB{ent})."
     )
 
 
@@ -74,6 +95,15 @@ MIXED_DISTANCE = (
     "the actions' effect"
 )
 """Said of the action-sensitivity distance of a model whose ``imagine`` takes no mode."""
+
+
+def ms_per_training_step(history: Any) -> float | None:
+    """Training milliseconds per step at the last validation of a ``History`` (training
+    wall-clock, validation excluded); None for a history without validations."""
+    if history is None or not history.val:
+        return None
+    last = history.val[-1]
+    return 1000 * last["time"] / max(last["step"], 1)
 
 
 def _uses_actions(
@@ -170,8 +200,7 @@ def comparison_paragraph(
     ha, hb = histories.get(a), histories.get(b)
     if ha is not None and hb is not None and ha.val and hb.val:
         va, vb = ha.val[-1], hb.val[-1]
-        ms_a = 1000 * va["time"] / max(va["step"], 1)
-        ms_b = 1000 * vb["time"] / max(vb["step"], 1)
+        ms_a, ms_b = ms_per_training_step(ha), ms_per_training_step(hb)
         faster = a if ms_a < ms_b else b
         parts.append(
             f"Trained for {va['step']} and {vb['step']} steps, their final validation losses "

@@ -53,18 +53,30 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as the kernel lists them; empty where there is no such file
-    (macOS, Windows), which the precision policy reads as "no native bf16"."""
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: str | Path) -> str | None:
+    """The first value of one of ``keys`` in a Linux ``/proc/cpuinfo``; None without one."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as the kernel lists them; empty where there is no such file
+    (macOS, Windows), which the precision policy reads as "no native bf16"."""
+    return set((_cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (e.g. ``AMD EPYC 9R14``), or what ``platform`` knows elsewhere."""
+    import platform
+
+    return _cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine()
 
 
 def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:

@@ -252,6 +252,8 @@ def evaluate_checkpoints(
     rssm_latent: tuple[int, int] | None = None,
     rssm_code: str | None = None,
     rssm_name: str | None = None,
+    json_path: str | Path | None = None,
+    overwrite_json: bool = False,
 ) -> dict:
     """The instructor's re-run: PSNR against horizon on the held-out episodes of ``data``.
 
@@ -270,7 +272,10 @@ def evaluate_checkpoints(
     (:func:`storm_lib.outside.load_outside_model`; **their code runs**), checked against
     ``data`` as far as it shows (action count, frame size, a training-data record).
     ``rssm_name`` labels it in tables, figures and sentences (default: the loader file's
-    stem with ``rssm_code``, else ``"RSSM"``).
+    stem with ``rssm_code``, else ``"RSSM"``). With ``json_path``, every number goes to
+    that results file as well (:mod:`storm_lib.results`; what evaluation does not compute
+    is null). It is checked before anything runs: a file there that is not a results file
+    of ours is never overwritten, and one of ours only with ``overwrite_json``.
 
     Returns ``{"mode": ..., "sample": ...}`` of ``RolloutPSNR.to_dict()``, ``"actions"``
     (and ``"fvd"``).
@@ -285,21 +290,27 @@ def evaluate_checkpoints(
     label = outside_label(rssm_code, rssm_name)
     if rssm is not None and label == "STORM":
         raise ValueError("the student's model cannot be named STORM: give another --rssm-name")
+    if json_path is not None:
+        from .results import check_target
+
+        check_target(json_path, overwrite=overwrite_json)
     start = time.perf_counter()
     device = default_device(device)
     config = get_profile_for_eval(storm, profile, device)
     all_data = TrajectoryData.load(data)
     _, val_data = all_data.split(config.data.val_fraction, seed=config.data.seed)
     models: dict[str, RolloutModel] = {}
+    histories: dict[str, History] = {}
     if storm is not None:
-        _checked_payload(storm, all_data, allow_partial=allow_partial)
+        payload = _checked_payload(storm, all_data, allow_partial=allow_partial)
+        histories["STORM"] = History.from_dict(payload["history"] if payload else None)
         models["STORM"] = load_checkpoint(
             storm, device, kind="storm", action_dim=val_data.action_dim
         )
     if rssm is not None and rssm_code is not None:
         models[label] = load_outside(rssm_code, rssm, device, all_data, label)
     elif rssm is not None:
-        models[label], _ = load_p03(
+        models[label], histories[label] = load_p03(
             rssm, device, data=all_data, allow_partial=allow_partial, latent=rssm_latent
         )
     ev = config.eval
@@ -335,6 +346,7 @@ def evaluate_checkpoints(
     print(f"wrote {out / 'psnr_vs_horizon.png'} and action_sensitivity.png in {seconds:.0f} s")
     summary: dict = {mode: r.to_dict() for mode, r in results.items()}
     summary["actions"] = {name: sens.to_dict() for name, sens in sensitivity.items()}
+    notes: list[str] = []
     if fvd and ev.fvd_count:
         from .fvd import fvd_for_models
         from .i3d import FVDWeightsError
@@ -347,10 +359,23 @@ def evaluate_checkpoints(
             )  # fmt: skip
         except FVDWeightsError as exc:
             print(f"FVD skipped: {exc}")
+            notes.append(f"FVD skipped: {exc}")
         else:
             values = ", ".join(f"{k} {v:.0f}" for k, v in scores["fvd"].items())
             print(f"FVD over {scores['clips']} clips ({scores['seconds']:.0f} s): {values}")
             summary["fvd"] = scores
+    if json_path is not None:
+        from .results import save_run_results
+
+        save_run_results(
+            json_path, results, overwrite=overwrite_json, histories=histories,
+            sensitivity=sensitivity, fvd=summary.get("fvd"), config=config, device=device,
+            checkpoints={"STORM": storm, label: rssm}, started=start, command="evaluate",
+            notes=notes, clip_counts={
+                name: m.clip_stats.clipped for name, m in models.items()
+                if getattr(m, "clip_stats", None) is not None
+            },
+        )  # fmt: skip
     return summary
 
 

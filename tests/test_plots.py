@@ -150,3 +150,29 @@ def test_diagnostics() -> None:
     fig = plots.plot_sliding_window(result)
     _check(fig)
     assert len(fig.axes) == 2
+
+
+def test_grid_animation_rows_captions_and_equal_lengths() -> None:
+    panels = {name: torch.rand(3, 3, S, S) for name in ("a", "b", "c")}
+    captions = {name: [f"{name} {k}" for k in range(3)] for name in panels}
+    anim = plots.grid_animation(panels, cols=2, captions=captions)
+    fig = anim._fig
+    assert len(fig.axes) == 4 and not fig.axes[3].axison  # 2 x 2, the spare panel blank
+    anim._func(2)
+    assert fig.axes[1].get_xlabel() == "b 2" and fig.texts[0].get_text() == "step 3"
+    assert "<script" in plots.animation_html(anim)
+    with pytest.raises(ValueError, match="same number of frames"):
+        plots.grid_animation({"a": torch.rand(2, 3, S, S), "b": torch.rand(3, 3, S, S)})
+
+
+def test_results_comparison_draws_each_model_of_each_run() -> None:
+    def doc(level: float) -> dict:
+        stats = {"mean": [level, level - 1, level - 2], "half_width": [0.5, None, 0.5], "n": 4}
+        model = {"psnr": {"mode": stats, "sample": stats}}
+        return {"models": {"STORM": model, "RSSM": model}}
+
+    fig = plots.plot_results_comparison({"cpu": doc(30), "gpu": doc(31)})
+    _check(fig)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert labels == ["cpu / STORM", "cpu / RSSM", "gpu / STORM", "gpu / RSSM"]
+    assert list(fig.axes[0].lines[2].get_ydata()) == [31, 30, 29]
