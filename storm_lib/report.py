@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .diagnostics import QUADRATIC_SLOPE, loglog_slope
+from .diagnostics import QUADRATIC_SLOPE, TokenStatistics, loglog_slope
 from .evaluate import NO_MODE, ActionSensitivity, RolloutPSNR
 
 HEADLINE_MODE = "mode"
@@ -122,6 +122,45 @@ def _uses_actions(
     return "Under the future actions of another window, " + "; ".join(parts) + "."
 
 
+def _under_baselines(result: RolloutPSNR, name: str) -> str:
+    """Where a trivial predictor scores at least as well as the model, as a clause."""
+    mean, steps = result.models[name].mean, result.steps
+    lost = {
+        base: [int(k) for k in steps[stats.mean >= mean]]
+        for base, stats in result.baselines.items()
+        if (stats.mean >= mean).any()
+    }
+    if not lost:
+        return f"{name} is above every trivial predictor at every step"
+    where = "; ".join(
+        f"{base} at step{'s' * (len(ks) > 1)} {_steps(ks)}" for base, ks in lost.items()
+    )
+    return f"{name} is matched or beaten by {where}"
+
+
+def _steps(steps: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for k in steps:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def _tokens_sentence(tokens: Mapping[str, TokenStatistics], a: str, b: str) -> str:
+    ta, tb = tokens[a], tokens[b]
+    return (
+        f"Between consecutive real frames, {ta.changed.mean():.1f} ({a}) and "
+        f"{tb.changed.mean():.1f} ({b}) of the {ta.categoricals} categoricals change their "
+        f"argmax; teacher-forced, {a}'s prior predicts {ta.accuracy_on_changes:.0%} of those "
+        f"changes and {b}'s {tb.accuracy_on_changes:.0%}, so they get "
+        f"{ta.errors_per_frame:.1f} and {tb.errors_per_frame:.1f} categoricals of each next "
+        "frame wrong: what the moving boxers do next is what neither predicts well."
+    )
+
+
 def _gap_at_last_step(result: RolloutPSNR, a: str, b: str) -> str:
     """Who is ahead at the last step, and whether the 95% intervals separate them."""
     ra, rb = result.models[a], result.models[b]
@@ -145,6 +184,7 @@ def comparison_paragraph(
     sensitivity: Mapping[str, ActionSensitivity] | None = None,
     names: tuple[str, str] = ("STORM", "RSSM"),
     timing_names: tuple[str, str] | None = None,
+    tokens: Mapping[str, TokenStatistics] | None = None,
 ) -> str:
     """A paragraph comparing the two architectures from measured results.
 
@@ -160,6 +200,7 @@ def comparison_paragraph(
         names: the transformer model's name, then the RSSM's.
         timing_names: the keys of ``timings`` when they are not ``names``: a student's
             model is not timed, so its row is this library's RSSM (and the sentence says so).
+        tokens: ``{name: diagnostics.token_statistics(...)}`` for both models, if measured.
     """
     a, b = names
     result = headline(results)
@@ -181,6 +222,7 @@ def comparison_paragraph(
         f"gives {cl[0]:.1f} and {cl[-1]:.1f} dB.",
         f"{a} {_beats_copy_last(result, a)}, and {b} {_beats_copy_last(result, b)}; "
         f"{_gap_at_last_step(result, a, b)}.",
+        f"{_under_baselines(result, a)}, and {_under_baselines(result, b)}.",
     ]
     if not isinstance(results, RolloutPSNR) and {"mode", "sample"} <= set(results):
         sampled = results["sample"]
@@ -189,6 +231,8 @@ def comparison_paragraph(
             f"With sampled latents they score {sa[0]:.1f} and {sa[-1]:.1f} dB ({a}) and "
             f"{sb[0]:.1f} and {sb[-1]:.1f} dB ({b}); {_gap_at_last_step(sampled, a, b)}."
         )
+    if tokens and a in tokens and b in tokens:
+        parts.append(_tokens_sentence(tokens, a, b))
     if sensitivity:
         parts.append(_uses_actions(sensitivity, a, b, result.mode_ignored))
     if fvd:

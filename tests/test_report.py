@@ -46,6 +46,8 @@ def test_paragraph_follows_the_numbers():
     assert "STORM beats copy-last at every step from 3 to 10" in text
     assert "RSSM does not beat copy-last" in text
     assert "at step 10 STORM is ahead by 4.0 dB" in text
+    assert "STORM is above every trivial predictor at every step" in text
+    assert "RSSM is matched or beaten by copy-last at steps 1-10" in text
     assert "STORM trained 3.00x faster per step" in text
     assert "quadratic cost shows" in text
     assert "90 for STORM and 200 for RSSM: STORM's imagined motion is closer" in text
@@ -89,3 +91,30 @@ def test_both_modes_gap_decomposition_and_actions_follow_the_numbers():
     assert "With sampled latents they score 29.0 and 24.5 dB (STORM)" in para
     assert "STORM's real-action rollouts score +0.0 dB" in para
     assert "RSSM's real-action rollouts score +2.0 dB" in para
+
+
+def test_paragraph_says_where_a_baseline_wins_and_what_the_tokens_show():
+    from storm_lib.diagnostics import TokenStatistics
+
+    res = result(30.0, 29.0)
+    mean = res.baselines["copy-last"].values.copy()
+    mean[:, 2:5] = 40.0  # the baseline wins at steps 3-5 only
+    res.baselines["context mean"] = StepStats.from_values(mean)
+    timing = {"STORM": timings(1.0), "RSSM": timings(1.0)}
+
+    def tokens(hit_on_change: float) -> TokenStatistics:
+        k = 4
+        return TokenStatistics(
+            pixel_change=np.full(10, 0.02), changed=np.full(10, 2.0), resampled=1.0,
+            change_rate=np.full(k, 0.5), accuracy=np.full(k, 0.75),
+            accuracy_on_change=np.full(k, hit_on_change), accuracy_on_stay=np.ones(k),
+            entropy=np.zeros(k),
+        )  # fmt: skip
+
+    both = {"STORM": tokens(0.5), "RSSM": tokens(0.25)}
+    text = comparison_paragraph(res, {}, timing, tokens=both)
+    assert "STORM is matched or beaten by context mean at steps 3-5" in text
+    assert "copy-last" not in text.split("STORM is matched")[1].split(", and RSSM")[0]
+    assert "STORM's prior predicts 50% of those changes and RSSM's 25%" in text
+    assert "2.0 (STORM) and 2.0 (RSSM) of the 4 categoricals" in text
+    assert "get 1.0 and 1.0 categoricals of each next frame wrong" in text
