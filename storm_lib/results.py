@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from .atari import TwinFutures
     from .config import Config
+    from .diagnostics import TokenStatistics
     from .evaluate import ActionSensitivity, RolloutPSNR
     from .train import History
 
@@ -322,6 +323,7 @@ def _model_entry(
     fvd: float | None,
     clip_count: int | None,
     checkpoint: str | Path | None,
+    tokens: TokenStatistics | None = None,
 ) -> dict[str, Any]:
     from .report import gap_decomposition, gap_numbers, ms_per_training_step
 
@@ -346,6 +348,7 @@ def _model_entry(
         "train_ms_per_step": ms_per_training_step(history),
         "checkpoint": identity,
         "training_data": data,
+        "tokens": None if tokens is None else tokens.to_dict(),
     }
 
 
@@ -371,6 +374,7 @@ def build_results(
     sensitivity: Mapping[str, ActionSensitivity] | None = None,
     fvd: Mapping[str, Any] | None = None,
     clip_counts: Mapping[str, int] | None = None,
+    tokens: Mapping[str, TokenStatistics] | None = None,
     twins: TwinFutures | None = None,
     timings: Mapping[str, Mapping[str, Any]] | None = None,
     sequence_timings: Mapping[str, Mapping[str, Any]] | None = None,
@@ -390,6 +394,7 @@ def build_results(
         sensitivity: ``{name: ActionSensitivity}``.
         fvd: what :func:`storm_lib.fvd.fvd_for_models` returned.
         clip_counts: ``{name: pixel values outside [0, 1]}`` for outside models, where known.
+        tokens: ``{name: diagnostics.token_statistics(...)}`` (token churn, predictability).
         twins: :func:`storm_lib.atari.twin_futures`'s result.
         timings, sequence_timings: ``{name: step_time_vs_length(...)}`` of the whole step
             and of the sequence model alone.
@@ -415,6 +420,7 @@ def build_results(
             fvd=scores.get(name),
             clip_count=(clip_counts or {}).get(name),
             checkpoint=(checkpoints or {}).get(name),
+            tokens=(tokens or {}).get(name),
         )
         for name in first.models
     }

@@ -96,7 +96,7 @@ _MODEL = _record(
         ),
         "training_data": {"type": ["object", "null"]},
     },
-    {"takes_mode": {"type": "boolean"}},
+    {"takes_mode": {"type": "boolean"}, "tokens": {"type": ["object", "null"]}},
 )
 _RUN = _record(
     {

@@ -18,6 +18,7 @@ from storm_lib import results as res
 from storm_lib.atari import TwinFutures
 from storm_lib.checkpoint import save_checkpoint
 from storm_lib.config import get_profile
+from storm_lib.diagnostics import token_statistics
 from storm_lib.evaluate import MODES, action_sensitivity, psnr_table, rollout_psnr
 from storm_lib.models import build_world_model
 from storm_lib.report import gap_numbers
@@ -67,6 +68,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         results=results,
         histories={"STORM": _history(0.0), "RSSM": _history(1.0)},
         sensitivity=action_sensitivity(models, windows, **protocol),
+        tokens={"STORM": token_statistics(models["STORM"], windows)},
         fvd={"fvd": {"STORM": 120.5, "RSSM": 150.25}, "clips": 5, "frames": 7, "seconds": 2.0},
         twins=TwinFutures(rng.uniform(20, 100, (4, 3)), rng.uniform(20, 30, (4, 3)), cap=100.0),
         timings={"STORM": timing, "RSSM": {**timing, "kind": "rssm"}},
@@ -106,6 +108,8 @@ def test_the_file_holds_what_was_measured(run) -> None:
     assert rssm["action_sensitivity"]["between"]["mean"] == between
     assert (storm["fvd"], rssm["fvd"], doc["fvd"]["clips"]) == (120.5, 150.25, 5)
     assert storm["clip_count"] is None  # not known for our own models
+    assert storm["tokens"] == run["tokens"]["STORM"].to_dict() and rssm["tokens"] is None
+    assert storm["takes_mode"] and rssm["takes_mode"]
     assert rssm["validation"]["metrics"]["token_nll"] == [4.0, 4.0, 4.0]
     assert storm["validation"]["step"] == [2, 4, 6] and storm["validation"]["time"][-1] == 3.0
     assert storm["train_ms_per_step"] == pytest.approx(500.0)
