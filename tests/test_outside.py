@@ -127,6 +127,7 @@ def test_notebook_section4_cells_grade_a_student_model(
         config = get_profile("smoke")
         config.eval.count = 8
         device = torch.device("cpu")
+        P03_NAME = "RSSM"  # the notebook's label for the student's model
         val_data = TrajectoryData.load({str(boxing.path)!r})
         storm = build_world_model("storm", config, val_data.action_dim, device).eval()
         rssm = load_outside_model({f"{STUDENT}:load"!r}, {str(student["weights"])!r}, device,
