@@ -14,7 +14,7 @@ NOTEBOOK := p04_transformer_backbone.ipynb
 # A GPU machine gets the normal (CUDA) torch wheel; without a GPU we pin the CPU wheel
 # torch==2.13.0, which pip takes from a local wheel folder when one is configured.
 HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.2,torch==2.13.0)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 
 .PHONY: notebook lab test collect lint format bench clean-venv
 

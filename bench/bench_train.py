@@ -35,25 +35,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from storm_lib import Batch, build_world_model, get_profile
+from storm_lib.utils import median_ms  # warms up; synchronises a GPU around each call
 
 ACTIONS = 18  # the full Atari action set: the largest mixer input
 STARTS, CONTEXT, HORIZONS = 64, 8, (16, 64)
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+CPU = torch.device("cpu")  # these benchmarks describe the 2-core CPU of the committed run
 
 
 def matmul_gflops(repeats: int, n: int = 1024) -> float:
     """This machine's fp32 ``torch.mm`` throughput (the ceiling a training step faces)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / median_ms(lambda: torch.mm(a, b), max(repeats, 5), 2) / 1e6
+    return (
+        2 * n**3 / median_ms(lambda: torch.mm(a, b), CPU, repeats=max(repeats, 5), warmup=2) / 1e6
+    )
 
 
 def random_batch(b: int, t: int, size: int) -> Batch:
@@ -134,9 +128,9 @@ def train_step(kind: str, profile: str, repeats: int, peak: float) -> str:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    ms = median_ms(step, repeats)
+    ms = median_ms(step, CPU, repeats=repeats)
     parts = (storm_parts if kind == "storm" else rssm_parts)(model, batch)
-    shares = {name: median_ms(fn, repeats) / ms for name, fn in parts.items()}
+    shares = {name: median_ms(fn, CPU, repeats=repeats) / ms for name, fn in parts.items()}
     optimizer.zero_grad(set_to_none=True)
     gflops = flops / ms / 1e6
     share_text = ", ".join(f"{name} {100 * s:3.0f}%" for name, s in shares.items())
@@ -163,7 +157,8 @@ def imagination(profile: str, repeats: int) -> list[str]:
             for cache in (True, False):
                 ms[horizon, cache] = median_ms(
                     lambda g=fn, f=future, c=cache: g(ctx.obs, ctx.action, f, use_cache=c),
-                    repeats,
+                    CPU,
+                    repeats=repeats,
                 )
             lines.append(
                 f"  imagine {label:<6} {STARTS} starts, C={CONTEXT}, H={horizon:<3}: cached "

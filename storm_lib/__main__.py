@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.steps:
         config.train.steps = args.steps
     config.heads.dynamics_head = args.dynamics_head
+    config.train.deterministic = config.train.deterministic or args.deterministic
     train_data, val_data = ensure_data(config, args.data, as_is=args.data_as_is)
     out = args.out or checkpoint_path(args.model, config)
     _, history = train_or_load(
@@ -214,6 +215,10 @@ PROFILE_HELP = "smoke | cpu | gpu | paper | auto (default: STORM_PROFILE, else a
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available)"
 FORCE_HELP = "replace an existing file of ours with other settings (never a foreign file)"
 AS_IS_HELP = "train on --data even though it was collected with other settings than the profile"
+DETERMINISTIC_HELP = (
+    "deterministic mode (train.deterministic): on CUDA, cuDNN autotuning off and "
+    "deterministic algorithms, so a run and its resumption repeat bit for bit (slower)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, help="gradient steps (default: the profile's)")
     p.add_argument("--force", "--retrain", action="store_true", help=FORCE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     p.add_argument(
         "--dynamics-head", choices=("mlp", "maskgit"), default="mlp",
         help="STORM's prior: mlp (STORM) or maskgit (GIT-STORM); default mlp",
@@ -360,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     readable = (CheckpointError, DataError, OutsideModelError, TrainingError, ValueError, OSError)
     try:
+        if hasattr(args, "device"):  # a command that computes: set the kernels up once, say how
+            from .utils import configure_device
+
+            print(configure_device(args.device, getattr(args, "deterministic", False)))
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -184,6 +184,12 @@ class TrainConfig:
     """Run ``model.loss`` through ``torch.compile`` in ``fit()`` (needs a C++ compiler).
     Off by default: on a 2-core CPU compiling takes minutes and the steps are no faster
     (README, "Benchmarks")."""
+    deterministic: bool = False
+    """Deterministic mode on CUDA (``utils.configure_device``): cuDNN autotuning off,
+    ``torch.use_deterministic_algorithms(True)`` and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
+    so a run (and a resumed one) repeats bit for bit, at some speed. Off by default; a
+    CPU run repeats bit for bit either way (at the same thread count). How a run is
+    computed, not what: checkpoints resume across this switch."""
 
 
 @dataclass

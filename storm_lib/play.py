@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .types import ImagineMode
-from .utils import evaluating, private_rng
+from .utils import evaluating, model_device, private_rng
 
 
 class GameStep(NamedTuple):
@@ -100,7 +100,7 @@ class ImaginedGame:
                 f"window must be at least the context ({context}) and 2, and at most the "
                 f"model's max_length ({model.max_length}); got {self.window}"
             )
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.context_obs = context_obs.to(self.device, torch.float32)
         self.context_actions = context_actions.to(self.device, torch.long)
         self.reset()

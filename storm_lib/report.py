@@ -235,7 +235,7 @@ def comparison_paragraph(
         parts.append(_tokens_sentence(tokens, a, b))
     if sensitivity:
         parts.append(_uses_actions(sensitivity, a, b, result.mode_ignored))
-    if fvd:
+    if fvd and a in fvd and b in fvd:  # a model left out of FVD (its code failed): no sentence
         lower = min(fvd, key=fvd.get)
         parts.append(
             f"FVD of the {result.context}+{result.horizon}-frame clips is {fvd[a]:.0f} for {a} "

@@ -100,25 +100,66 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["sampler"].cpu())
 
 
-@dataclass
-class _StepStart:
-    """What a training step changes before its optimizer step: the RNGs (batch draw,
-    latent samples, dropout) and the buffers (BatchNorm running statistics). Restored
-    when a step is interrupted, so the saved state is that of the last completed step."""
+class StepSnapshot:
+    """What a training step changes before its optimizer step, taken at every step start:
+    the RNGs (batch draw, latent samples, dropout) and the buffers (BatchNorm running
+    statistics). Restored when a step is interrupted, so the saved state is that of the
+    last completed step.
 
-    rng: dict[str, Any]
-    buffers: dict[str, torch.Tensor]
+    Cheap, since it runs every step: the buffer copies are allocated once and refreshed
+    with one ``torch._foreach_copy_`` (on CUDA a few fused kernels instead of one clone
+    and one allocation per buffer), and the RNG states are kept in their native form (the
+    weights_only form of :func:`_rng_state` is built only when a checkpoint is saved).
+    """
 
-    @classmethod
-    def take(cls, model: Any, generator: torch.Generator) -> _StepStart:
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        return cls(rng=_rng_state(generator), buffers=buffers)
+    def __init__(self, model: Any, generator: torch.Generator) -> None:
+        self.model, self.generator = model, generator
+        self._live: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._rng: tuple[Any, ...] | None = None
 
-    def restore(self, model: Any, generator: torch.Generator) -> None:
+    def take(self) -> None:
+        """Record the state at the start of a step (no allocation after the first)."""
+        live = list(self.model.buffers())
+        same = len(live) == len(self._live) and all(
+            a is b for a, b in zip(live, self._live, strict=True)
+        )
+        if not same:
+            self._live = live  # first step, or the module's buffers were replaced
+            self._saved = [torch.empty_like(b) for b in live]
         with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(self.buffers[name])
-        _set_rng_state(self.rng, generator)
+            _copy_all(self._saved, self._live)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self._rng = (
+            torch.get_rng_state(), cuda, np.random.get_state(), random.getstate(),
+            self.generator.get_state(),
+        )  # fmt: skip
+
+    def restore(self) -> None:
+        """Put back what :meth:`take` recorded: as if the step never began."""
+        if self._rng is None:
+            raise RuntimeError("StepSnapshot.restore() before take()")
+        with torch.no_grad():
+            _copy_all(self._live, self._saved)
+        cpu, cuda, np_state, py_state, sampler = self._rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        self.generator.set_state(sampler)
+
+
+def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all ``i``, fused where this torch has ``_foreach_copy_``."""
+    if not dst:
+        return
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dst, src)
+    else:  # pragma: no cover - every supported torch has it
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
 
 @contextlib.contextmanager
@@ -214,6 +255,28 @@ def make_optimizer(
     return torch.optim.Adam(params, lr=config.lr)
 
 
+MIN_TORCH = (2, 3)
+"""The oldest torch this library runs on: ``torch.amp.GradScaler(device_type)`` (the
+fp16 loss scaling of T4 and V100 GPUs) exists from torch 2.3. requirements.txt,
+pyproject.toml, the Makefile and the README say ``torch>=2.3``."""
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` for ``device``, or a clear error on a torch without it.
+
+    Raises:
+        TrainingError: this torch is older than :data:`MIN_TORCH`.
+    """
+    scaler = getattr(torch.amp, "GradScaler", None)
+    if scaler is None:
+        need = ".".join(map(str, MIN_TORCH))
+        raise TrainingError(
+            f"storm_lib needs torch>={need} (torch.amp.GradScaler), but this is torch "
+            f"{torch.__version__}: pip install 'torch>={need}'"
+        )
+    return scaler(device.type, enabled=enabled)
+
+
 class TrainStep:
     """One training step exactly as :func:`fit` runs it, for ``fit`` and every timing.
 
@@ -229,7 +292,36 @@ class TrainStep:
         self.dtype = autocast_dtype(config.precision, device)
         self.optimizer = make_optimizer(model, config, device)
         # fp16 needs loss scaling (its range is small); for bf16 and fp32 this is a no-op.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.scaler = grad_scaler(device, enabled=self.dtype == torch.float16)
+        self._snapshot: StepSnapshot | None = None
+
+    def fit_step(
+        self,
+        loss_fn: Callable[[Batch], tuple[Tensor, dict[str, Tensor]]],
+        data: TrajectoryData,
+        generator: torch.Generator,
+        lr: float,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """One whole step as :func:`fit` runs it: snapshot the step's start
+        (:class:`StepSnapshot`), draw ``config.batch_size`` windows of ``config.seq_len``
+        steps from ``data`` with ``generator`` and move them to the device, backward and
+        clip at ``lr``, update. Returns ``(loss, metrics, grad_norm)``, unread (no host
+        sync). A ``KeyboardInterrupt`` before the update undoes the step's RNG draws and
+        buffer updates first. :func:`storm_lib.costs.estimate_training_time` times this
+        same call, so the estimate cannot drift from what ``fit`` does.
+        """
+        if self._snapshot is None or self._snapshot.generator is not generator:
+            self._snapshot = StepSnapshot(self.model, generator)
+        snapshot = self._snapshot
+        snapshot.take()
+        try:
+            batch = data.sample(self.config.batch_size, self.config.seq_len, generator, self.device)
+            loss, metrics, grad_norm = self.backward(loss_fn, batch, lr)
+        except KeyboardInterrupt:
+            snapshot.restore()  # as if the step never began
+            raise
+        self.update()  # the step is complete once this returns
+        return loss, metrics, grad_norm
 
     def backward(
         self, loss_fn: Callable[[Batch], tuple[Tensor, dict[str, Tensor]]], batch: Batch, lr: float
@@ -333,10 +425,11 @@ def fit(
     loss runs through ``torch.compile`` (validation stays eager); compilation time counts
     as training time.
 
-    A step makes no host sync: actions are checked once per dataset, and the losses are
-    checked for NaN/inf together every ``log_every`` steps and before any validation or
-    save. So on a GPU the host samples (pinned, non-blocking) and enqueues the next batch
-    while the device still runs the last step.
+    A step makes no host sync and no blocking host-to-device copy: actions are checked
+    once per dataset, constants such as the free-bits floor are kernel arguments, and the
+    losses are checked for NaN/inf together every ``log_every`` steps and before any
+    validation or save. So on a GPU the host samples (pinned, non-blocking) and enqueues
+    the next batch while the device still runs the last step.
 
     Args:
         model: any :class:`WorldModel` that is an ``nn.Module``.
@@ -348,7 +441,8 @@ def fit(
         checkpoint_path: where to write checkpoints (None: no checkpoints). The file is
             locked for the run: a second training to the same path fails at once.
         resume: continue from ``checkpoint_path`` if it exists (optimizer, step, RNG
-            and sampler states, history): the result equals an uninterrupted run.
+            and sampler states, history): see "Raises" for how exactly it equals an
+            uninterrupted run.
         overwrite: replace an existing ``checkpoint_path`` instead of resuming it; only
             ever a checkpoint of this library's format, never a foreign file.
         progress: show a tqdm bar with the losses.
@@ -364,7 +458,13 @@ def fit(
         KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last completed step
             is saved. A Ctrl-C is held until the running step ends; an exception raised
             inside a step (or a second Ctrl-C) undoes the step's RNG draws and BatchNorm
-            updates first. Either way, resuming gives the uninterrupted run bit for bit.
+            updates first. Either way, resuming gives the uninterrupted run bit for bit on
+            a CPU (at the same thread count), and on CUDA with ``config.deterministic``. On
+            CUDA without it no two runs are bit-identical, interrupted or not (cuDNN
+            autotuning picks kernels per process, and some backward kernels add with
+            atomics in any order): the resumed run starts from exactly the saved state and
+            then agrees with an uninterrupted one only as closely as two uninterrupted runs
+            agree with each other.
     """
     device = default_device(device)
     check_compatible(model, train_data, config.seq_len)
@@ -410,7 +510,7 @@ def _fit_locked(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    configure_device(device)
+    configure_device(device, config.deterministic)  # idempotent: the CLI and notebook set it first
     trainer = TrainStep(model, config, device)
     optimizer, scaler, dtype = trainer.optimizer, trainer.scaler, trainer.dtype
     history, step = History(), 0
@@ -462,15 +562,9 @@ def _fit_locked(
         try:
             while step < steps:
                 start = time.perf_counter()
-                step_start = _StepStart.take(model, generator)
                 lr = lr_at(step, steps, config)
-                try:
-                    batch = train_data.sample(config.batch_size, config.seq_len, generator, device)
-                    loss, metrics, grad_norm = trainer.backward(loss_fn, batch, lr)
-                except KeyboardInterrupt:
-                    step_start.restore(model, generator)  # as if the step never began
-                    raise
-                trainer.update()  # the step is complete once this returns
+                # snapshot, batch, backward, update: the one step the estimate times too
+                loss, metrics, grad_norm = trainer.fit_step(loss_fn, train_data, generator, lr)
                 step += 1
                 unchecked.append((step, loss.detach(), metrics))
                 every = config.checkpoint_every

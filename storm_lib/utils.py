@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import statistics
 import time
@@ -140,13 +141,84 @@ def describe_precision(precision: str, device: torch.device) -> str:
     return f"precision {precision} -> {chosen} on {where}" + (f" ({why})" if why else "")
 
 
-def configure_device(device: torch.device) -> None:
-    """TF32 matmuls and cuDNN autotuning on Ampere and newer; our shapes are fixed, so the
-    autotuner's first-call search pays back. Global switches, set when training starts."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+CUBLAS_WORKSPACE = ":4096:8"
+"""``CUBLAS_WORKSPACE_CONFIG`` of deterministic mode: cuBLAS then uses fixed workspaces,
+which ``torch.use_deterministic_algorithms`` requires of CUDA matmuls (CUDA >= 10.2)."""
+
+
+def model_device(model: Any, default: torch.device | str | None = None) -> torch.device:
+    """Where ``model`` computes, asked in this order: its ``device`` attribute (an
+    :class:`~storm_lib.outside.OutsideModel`, or any wrapper that has no parameters of its
+    own, such as a ``DreamerAdapter`` around a student's CUDA net), its first parameter,
+    its first buffer; else ``default`` (CPU when None).
+
+    Guessing from parameters alone sends CPU windows to a student's GPU model whose
+    wrapper holds none (issue 26, fault 1).
+    """
+    device = getattr(model, "device", None)
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    for attr in ("parameters", "buffers"):
+        tensors = getattr(model, attr, None)
+        if callable(tensors):
+            first = next(iter(tensors()), None)
+            if isinstance(first, torch.Tensor):
+                return first.device
+    return torch.device("cpu" if default is None else default)
+
+
+def configure_device(device: torch.device | str | None = None, deterministic: bool = False) -> str:
+    """Set the global kernel switches for ``device`` once, at start-up; return one line
+    saying what was set (the CLI prints it; the notebook's first cell prints it too).
+
+    On CUDA: TF32 matmuls and convolutions on compute capability 8.0 and newer (Ampere+;
+    fp32 matmuls then round their inputs to 10 mantissa bits, which training does not
+    notice), and cuDNN autotuning (``cudnn.benchmark``: our shapes are fixed, so the
+    first-call search pays back). With ``deterministic``: autotuning off (it picks
+    algorithms per process), ``torch.use_deterministic_algorithms(True)`` (no atomics in
+    backward kernels; an op without a deterministic kernel raises instead of running)
+    and ``CUBLAS_WORKSPACE_CONFIG`` set to :data:`CUBLAS_WORKSPACE`, which must happen
+    before CUDA starts: when CUDA was already started in this process the line says so.
+    On a CPU there is nothing to set (its kernels are deterministic at a fixed thread
+    count); the line gives the thread count.
+
+    Idempotent: calling it again with the same arguments changes nothing, so ``fit()``
+    calls it too. The switches are set to what is asked (``deterministic=False`` turns
+    deterministic algorithms off again).
+    """
+    device = default_device(device)
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type != "cuda":
+        what = f"{device.type}: nothing to set; {torch.get_num_threads()} threads"
+        return what + ("; deterministic algorithms on" if deterministic else "")
+    notes = []
+    if deterministic:
+        if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+            late = torch.cuda.is_initialized()
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+            notes.append(
+                f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} set after CUDA started: export it "
+                "before starting Python for matmuls to be deterministic"
+                if late
+                else f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}"
+            )
+        else:
+            notes.append(f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}")
+    major, minor = torch.cuda.get_device_capability(device)
+    tf32 = major >= 8
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    name = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+    parts = [
+        "TF32 matmuls and convolutions on" if tf32 else "TF32 off (needs compute capability 8.0)",
+        "deterministic: cuDNN autotuning off, deterministic algorithms on"
+        if deterministic
+        else "cuDNN autotuning on",
+        *notes,
+    ]
+    return f"{name}: " + "; ".join(parts)
 
 
 @contextlib.contextmanager
@@ -160,12 +232,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def private_rng(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
-    """Inside the block the global RNG (CPU, and ``device`` when it is a GPU) is seeded
-    with ``seed`` (None: left as it is); afterwards it is restored, so measuring never
-    changes the random draws of what follows."""
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+def private_rng(seed: int | None, device: torch.device | str | None = None) -> Iterator[None]:
+    """Inside the block the global RNGs are seeded with ``seed`` (None: left as they are);
+    afterwards every one of them is restored, so measuring never changes the random draws
+    of what follows.
+
+    ``torch.manual_seed`` reseeds the CPU *and every CUDA device*, so the fork covers the
+    CPU, every CUDA device already started in this process, and ``device`` when it is a
+    GPU (which starts it): forking only the CPU, or only the model's device, would leave
+    the caller's CUDA RNG overwritten, e.g. when a wrapper without parameters made its
+    device look like the CPU.
+    """
+    cuda: set[int] = set()
+    if torch.cuda.is_initialized():
+        cuda.update(range(torch.cuda.device_count()))
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        cuda.add(torch.cuda.current_device() if index is None else index)
+    with torch.random.fork_rng(devices=sorted(cuda)):
         if seed is not None:
             torch.manual_seed(seed)
         yield
@@ -195,18 +279,39 @@ def evaluating(
 
 
 def median_ms(
-    fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1
+    fn: Callable[[], object],
+    device: torch.device | str | None = None,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
 ) -> float:
-    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup``
-    calls, with CUDA synchronised around each call (GPU work is asynchronous)."""
-    times = []
-    for i in range(warmup + repeats):
+    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup``
+    untimed calls (allocations, cuDNN autotuning, lazy initialisation).
+
+    GPU work is asynchronous: a timer around a call measures only the launches. On CUDA
+    (``device``, default CUDA when available) the device is synchronised before the clock
+    starts and before it stops, so each time is that of the work itself. Every timing the
+    CLI, the benchmarks and the notebook print goes through here.
+
+    Example (the notebook's KV-cache cell)::
+
+        ms = median_ms(lambda: storm.imagine(*args, mode="mode"), device, repeats=3)
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = default_device(device) if device is None else torch.device(device)
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        sync()
+        times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)

@@ -209,6 +209,7 @@ def _training_fields(config: Config) -> dict:
     The ``maskgit`` section counts only for a model with the MaskGIT prior."""
     raw = config.to_dict()
     raw["train"].pop("steps")
+    raw["train"].pop("deterministic")  # how the kernels run, not what the run computes
     if raw["heads"]["dynamics_head"] == "mlp":  # the MaskGIT sizes do not matter then
         raw.pop("maskgit")
     return {k: v for k, v in raw.items() if k not in ("name", "eval")}
@@ -348,22 +349,18 @@ def evaluate_checkpoints(
     summary["actions"] = {name: sens.to_dict() for name, sens in sensitivity.items()}
     notes: list[str] = []
     if fvd and ev.fvd_count:
-        from .fvd import fvd_for_models
-        from .i3d import FVDWeightsError
+        from .fvd import fvd_report
 
-        windows = val_data.eval_windows(ev.fvd_count, ev.context + ev.horizon, ev.seed)
-        try:
-            scores = fvd_for_models(
-                models, windows, context=ev.context, horizon=ev.horizon, seed=ev.seed,
-                device=device,
-            )  # fmt: skip
-        except FVDWeightsError as exc:
-            print(f"FVD skipped: {exc}")
-            notes.append(f"FVD skipped: {exc}")
-        else:
-            values = ", ".join(f"{k} {v:.0f}" for k, v in scores["fvd"].items())
-            print(f"FVD over {scores['clips']} clips ({scores['seconds']:.0f} s): {values}")
-            summary["fvd"] = scores
+        # Never an abort: missing I3D weights skip FVD, a failing student's model is left
+        # out with a sentence, and the models that work are scored.
+        scored = fvd_report(
+            models, val_data, context=ev.context, horizon=ev.horizon, count=ev.fvd_count,
+            seed=ev.seed, device=device,
+        )  # fmt: skip
+        print(scored)
+        notes += [line for line in scored.lines if not line.startswith("FVD over")]
+        if scored.result is not None:
+            summary["fvd"] = scored.result
     if json_path is not None:
         from .results import save_run_results
 

@@ -186,7 +186,9 @@ class MaskGITPrior(nn.Module):
         return PriorLosses(*free_bits_clamp(dyn_raw, rep_raw, free_bits), nll.detach())
 
     # ----------------------------------------------------------------------- sampling
-    def fill(self, h: Tensor, tokens: Tensor, groups: Tensor, mode: str) -> Tensor:
+    def fill(
+        self, h: Tensor, tokens: Tensor, groups: Tensor, mode: str, sets: int | None = None
+    ) -> Tensor:
         """Algorithm 2: for each set ``i`` of the partition, mask its positions, predict
         them from ``h`` and the other tokens, and replace them with a draw.
 
@@ -195,11 +197,17 @@ class MaskGITPrior(nn.Module):
             tokens: ``[N, K]`` current tokens (``mask_id`` where still empty).
             groups: ``[N, K]`` the set index of every position (``random_partition``).
             mode: ``"sample"`` draws, ``"mode"`` takes the argmax.
+            sets: the number of sets of ``groups``, as given to ``random_partition`` (it
+                gives every row exactly that many, non-empty). Pass it: without it the
+                count is read off ``groups``, a host sync that stalls the GPU at every
+                imagined step.
 
         Returns:
             ``[N, K]`` the updated tokens; only positions of set ``i`` change in pass ``i``.
         """
-        for i in range(int(groups.max()) + 1):
+        if sets is None:
+            sets = int(groups.max()) + 1
+        for i in range(sets):
             chosen = groups == i
             probs = self.log_probs(h, tokens.masked_fill(chosen, self.mask_id)).exp()
             tokens = torch.where(chosen, draw_index(probs, mode), tokens)
@@ -215,12 +223,12 @@ class MaskGITPrior(nn.Module):
         cfg, flat = self.cfg, h.reshape(-1, h.shape[-1])
         n = flat.shape[0]
         tokens = torch.full((n, self.categoricals), self.mask_id, device=h.device)
-        tokens = self.fill(
-            flat, tokens, random_partition(n, self.categoricals, cfg.draft_rounds, h.device), mode
-        )
+        # The round counts are Python ints from the config: no host sync per imagined step.
+        groups = random_partition(n, self.categoricals, cfg.draft_rounds, h.device)
+        tokens = self.fill(flat, tokens, groups, mode, cfg.draft_rounds)
         for _ in range(cfg.revise_repeats):
             groups = random_partition(n, self.categoricals, cfg.revise_rounds, h.device)
-            tokens = self.fill(flat, tokens, groups, mode)
+            tokens = self.fill(flat, tokens, groups, mode, cfg.revise_rounds)
         return (
             F.one_hot(tokens, self.classes)
             .to(h.dtype)
