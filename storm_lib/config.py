@@ -184,6 +184,13 @@ class TrainConfig:
     """Run ``model.loss`` through ``torch.compile`` in ``fit()`` (needs a C++ compiler).
     Off by default: on a 2-core CPU compiling takes minutes and the steps are no faster
     (README, "Benchmarks")."""
+    cuda_graphs: bool = True
+    """On CUDA, ``fit()`` captures the forward and backward of its fixed-shape training step
+    as one CUDA graph and replays it every step (``storm_lib.graphs``); clipping and Adam
+    stay eager. On by default because both models, the RSSM's per-step GRU loop most,
+    launch thousands of small kernels per step, which a graph replays for the cost of
+    one launch. It is checked against the eager step once at start-up, and any failure
+    there runs the plain step instead (said once). Ignored on CPU and with ``compile``."""
 
 
 @dataclass
