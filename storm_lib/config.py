@@ -190,6 +190,13 @@ class TrainConfig:
     so a run (and a resumed one) repeats bit for bit, at some speed. Off by default; a
     CPU run repeats bit for bit either way (at the same thread count). How a run is
     computed, not what: checkpoints resume across this switch."""
+    cuda_graphs: bool = True
+    """On CUDA, ``fit()`` captures the forward and backward of its fixed-shape training step
+    as one CUDA graph and replays it every step (``storm_lib.graphs``); clipping and Adam
+    stay eager. On by default because both models, the RSSM's per-step GRU loop most,
+    launch thousands of small kernels per step, which a graph replays for the cost of
+    one launch. It is checked against the eager step once at start-up, and any failure
+    there runs the plain step instead (said once). Ignored on CPU and with ``compile``."""
 
 
 @dataclass

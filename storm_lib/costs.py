@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
 from .data import TrajectoryData
+from .graphs import maybe_graphed
 from .models import build_world_model
 from .train import TrainStep
 from .types import Batch
@@ -125,7 +126,12 @@ def estimate_training_time(
         for kind in kinds:
             gflop[kind] = flops_per_step(kind, config, action_dim) / 1e9
             model = build_world_model(kind, config, action_dim, device).train()
-            trainer = TrainStep(model, config.train, device)
+            # fit()'s own step: on CUDA with train.cuda_graphs, the graphed one
+            trainer = maybe_graphed(
+                TrainStep(model, config.train, device),
+                enabled=config.train.cuda_graphs,
+                compiled=config.train.compile,
+            )
             generator = torch.Generator().manual_seed(config.train.seed)
 
             def step(trainer: TrainStep = trainer, generator: torch.Generator = generator) -> None:

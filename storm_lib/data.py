@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .device_data import DeviceExperience, room_on_device
 from .files import atomic_write, file_sha256
 from .types import Batch
 
@@ -113,7 +114,9 @@ class TrajectoryData:
 
     Build it with :meth:`load` (a file from :func:`collect`) or :meth:`from_arrays`.
     Frames stay uint8 in RAM (30k frames of 3x64x64 = 370 MB) and become float32 in
-    [0, 1] only in the sampled batch, on the target device.
+    [0, 1] only in the sampled batch, on the target device. On CUDA, :meth:`sample` keeps
+    a copy of the arrays on the GPU when they fit (:meth:`device_copy`) and gathers the
+    batches there.
 
     Shapes:
         obs: ``[N, 3, S, S]`` uint8; action, reward, cont, episode: ``[N]``.
@@ -129,6 +132,7 @@ class TrajectoryData:
         self._steps = len(self.obs)  # of the whole file: a split keeps its parent's count
         self._tensors = {k: torch.from_numpy(arrays[k]) for k in KEYS[:4]}  # zero-copy views
         self._starts: dict[int, torch.Tensor] = {}
+        self._device_copies: dict[torch.device, DeviceExperience | None] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> TrajectoryData:
@@ -311,8 +315,11 @@ class TrajectoryData:
             batch_size (int): B.
             length (int): T.
             generator (torch.Generator): the source of randomness (a CPU generator).
-            device: where the batch goes (default CPU). uint8 frames are moved first and
-                converted to float there; pinned and non-blocking for CUDA.
+            device: where the batch goes (default CPU). On CUDA the windows are gathered
+                from :meth:`device_copy` when the arrays fit on the GPU: only the B starts
+                cross. Otherwise (and on other devices) they are gathered on the host and
+                the uint8 frames are moved, pinned and non-blocking for CUDA, and converted
+                to float there. Both paths draw the same starts from ``generator``.
 
         Returns:
             Batch: obs ``[B, T, 3, S, S]`` float32 in [0, 1]; action, reward, cont ``[B, T]``.
@@ -321,7 +328,27 @@ class TrajectoryData:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         starts = self.valid_starts(length)
         pick = torch.randint(len(starts), (batch_size,), generator=generator)
-        return self._gather(starts[pick], length, None if device is None else torch.device(device))
+        target = None if device is None else torch.device(device)
+        kept = self.device_copy(target) if target is not None and target.type == "cuda" else None
+        if kept is not None:
+            return kept.gather(starts[pick], length)
+        return self._gather(starts[pick], length, target)
+
+    def device_copy(self, device: torch.device | str) -> DeviceExperience | None:
+        """The arrays kept on ``device`` for :meth:`sample`, uploaded on first use if they
+        fit there with room left for training (:func:`storm_lib.device_data.room_on_device`),
+        else None (the host path). The first call for a device prints which path it is.
+        :meth:`drop_device_copies` frees them."""
+        device = torch.device(device)
+        if device not in self._device_copies:
+            fits, line = room_on_device(DeviceExperience.size_of(self._tensors), device)
+            print(line, flush=True)
+            self._device_copies[device] = DeviceExperience(self._tensors, device) if fits else None
+        return self._device_copies[device]
+
+    def drop_device_copies(self) -> None:
+        """Free the device copies made by :meth:`device_copy` (the next sample makes one again)."""
+        self._device_copies.clear()
 
     def eval_windows(self, count: int, length: int, seed: int) -> Batch:
         """A fixed set of distinct windows (CPU), the same for the same ``(count, length, seed)``.

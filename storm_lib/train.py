@@ -34,6 +34,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import DataError, TrajectoryData
 from .files import exclusive_lock
+from .graphs import maybe_graphed
 from .models import WorldModel
 from .types import Batch
 from .utils import (
@@ -301,6 +302,7 @@ class TrainStep:
         data: TrajectoryData,
         generator: torch.Generator,
         lr: float,
+        backward: Callable[..., tuple[Tensor, dict[str, Tensor], Tensor]] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """One whole step as :func:`fit` runs it: snapshot the step's start
         (:class:`StepSnapshot`), draw ``config.batch_size`` windows of ``config.seq_len``
@@ -308,7 +310,8 @@ class TrainStep:
         clip at ``lr``, update. Returns ``(loss, metrics, grad_norm)``, unread (no host
         sync). A ``KeyboardInterrupt`` before the update undoes the step's RNG draws and
         buffer updates first. :func:`storm_lib.costs.estimate_training_time` times this
-        same call, so the estimate cannot drift from what ``fit`` does.
+        same call, so the estimate cannot drift from what ``fit`` does. ``backward``
+        replaces :meth:`backward` (``graphs.GraphedTrainStep`` passes its graphed one).
         """
         if self._snapshot is None or self._snapshot.generator is not generator:
             self._snapshot = StepSnapshot(self.model, generator)
@@ -316,7 +319,7 @@ class TrainStep:
         snapshot.take()
         try:
             batch = data.sample(self.config.batch_size, self.config.seq_len, generator, self.device)
-            loss, metrics, grad_norm = self.backward(loss_fn, batch, lr)
+            loss, metrics, grad_norm = (backward or self.backward)(loss_fn, batch, lr)
         except KeyboardInterrupt:
             snapshot.restore()  # as if the step never began
             raise
@@ -331,11 +334,17 @@ class TrainStep:
             loss, metrics = loss_fn(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        return loss, metrics, self.finish(lr)
+
+    def finish(self, lr: float) -> Tensor:
+        """After the backward pass: set ``lr``, unscale (fp16) and clip the gradients in
+        place; the global gradient norm before clipping. (``graphs.py`` replays the backward
+        as a CUDA graph and runs this eagerly.)"""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
         params = self.model.parameters()
-        return loss, metrics, torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
 
     def update(self) -> None:
         """Apply the step (skipped by the scaler if fp16 gradients overflowed)."""
@@ -428,8 +437,11 @@ def fit(
     A step makes no host sync and no blocking host-to-device copy: actions are checked
     once per dataset, constants such as the free-bits floor are kernel arguments, and the
     losses are checked for NaN/inf together every ``log_every`` steps and before any
-    validation or save. So on a GPU the host samples (pinned, non-blocking) and enqueues
-    the next batch while the device still runs the last step.
+    validation or save. So on a GPU the host enqueues the next step while the device still
+    runs the last one. There the training frames are kept on the GPU when they fit, and
+    batches are gathered there (``TrajectoryData.sample``); with ``config.cuda_graphs``
+    (the default) the forward and backward replay one CUDA graph (``storm_lib.graphs``).
+    Each says once which path it took.
 
     Args:
         model: any :class:`WorldModel` that is an ``nn.Module``.
@@ -545,6 +557,7 @@ def _fit_locked(
 
     # torch.compile wraps the bound method, not the module: state_dict keys stay unprefixed.
     loss_fn = torch.compile(model.loss) if config.compile else model.loss
+    trainer = maybe_graphed(trainer, enabled=config.cuda_graphs, compiled=config.compile)
     model.train()
     clock = history.train_seconds
     label, head = model.kind, model.config.heads.dynamics_head

@@ -17,6 +17,7 @@ from storm_lib.models import WorldModel
 from storm_lib.models.rssm import RSSMWorldModel
 from storm_lib.p03 import load_rssm_checkpoint, save_p03_checkpoint
 from storm_lib.types import Batch, Rollout
+from storm_lib.utils import evaluating
 
 A = 4
 
@@ -308,3 +309,43 @@ def test_missing_key_and_wrong_shape(tmp_path: Path) -> None:
     message = str(info.value)
     assert "prior.1.weight: file (33,) vs model (32,)" in message
     assert "inferred: deter=32, hidden=32" in message
+
+
+def _loss_and_grads(m: RSSMWorldModel, batch: Batch) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(1)  # the same latent samples on both paths
+    m.zero_grad(set_to_none=True)
+    loss, metrics = m.loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    return torch.stack([loss.detach(), *metrics.values()]), grads
+
+
+def test_precomputed_inputs_equal_the_plain_loop_with_fewer_ops() -> None:
+    """The filtering loop with its action and embedding projections hoisted out of it
+    (the default) gives the plain loop's loss and gradients, with fewer ops per step."""
+    from storm_lib.models import speedups
+    from storm_lib.opcount import loss_step_ops
+
+    torch.manual_seed(0)
+    m = RSSMWorldModel(small_config(), A)
+    batch = make_batch(b=3, t=7)
+    with speedups.plain("rssm_inputs"):
+        plain_loss, plain_grads = _loss_and_grads(m, batch)
+    fast_loss, fast_grads = _loss_and_grads(m, batch)
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name, grad in plain_grads.items():  # within 1e-5 of each gradient's own scale
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (fast_grads[name] - grad).abs().max() <= 1e-5 * scale, name
+    with evaluating(m):  # eval-mode filtering too (argmax latents)
+        post = m.posterior_log_probs(batch.obs, batch.action)
+        with speedups.plain("rssm_inputs"):
+            torch.testing.assert_close(post, m.posterior_log_probs(batch.obs, batch.action))
+
+    config = small_config()
+    with speedups.plain("rssm_inputs"):
+        plain_ops = loss_step_ops("rssm", config, action_dim=A)
+    fast_ops = loss_step_ops("rssm", config, action_dim=A)
+    assert fast_ops.kernels < plain_ops.kernels and fast_ops.total < plain_ops.total
+    t = config.train.seq_len
+    assert plain_ops.by_name["cat"] - fast_ops.by_name["cat"] >= 2 * t  # no cat in the loop

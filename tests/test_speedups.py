@@ -134,3 +134,16 @@ def test_whole_models_agree_on_both_paths(kind: str, monkeypatch) -> None:
             speedups.set_enabled(True)
     for fast, plain in zip(*results, strict=True):
         torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_by_name_turns_off_only_those() -> None:
+    with speedups.plain("rssm_inputs"):
+        assert not speedups.enabled("rssm_inputs") and speedups.enabled("inverse_cdf")
+        with speedups.plain():
+            assert not speedups.enabled() and not speedups.enabled("inverse_cdf")
+        assert speedups.enabled() and not speedups.enabled("rssm_inputs")
+    assert all(speedups.enabled(name) for name in speedups.NAMES)
+    with pytest.raises(ValueError, match="unknown speed-up"):
+        speedups.enabled("turbo")
+    with pytest.raises(ValueError, match="unknown speed-up"), speedups.plain("turbo"):
+        pass

@@ -19,6 +19,11 @@ batch mean (STORM's rule, shared with STORM) instead of each element.
 The encoder's own Linear to K x V logits is removed: the posterior MLP, which also sees
 h_t, plays that role, and the embedding is the flattened conv features.
 
+Speed: filtering runs a Python loop over T. ``_filter_plain`` is the readable loop;
+``_filter_precomputed`` (on by default, a speed-up of ``speedups.py``) computes the input
+projections that do not depend on the recurrence for all T before the loop. On a GPU
+``fit()`` can also replay the whole training step as one CUDA graph (``graphs.py``).
+
 Reward convention: ``batch.reward[t]``/``cont[t]`` follow taking ``action[t]`` in
 ``obs[t]``. The state at t+1 is the first one that has seen ``a_t``, so the RSSM predicts
 them from feat_{t+1} (DreamerV3: the reward of the transition *into* a state is read from
@@ -38,6 +43,7 @@ from ..config import Config
 from ..losses import kl_losses, token_nll
 from ..types import Batch, ImagineMode, Rollout
 from ..utils import evaluating
+from . import speedups
 from .base import LatentPredictions, WorldModel
 from .heads import ContinueHead, PriorLosses, RewardHead
 from .vae import Decoder, Encoder, frames_for_convs, straight_through_sample, unimix_logits
@@ -221,12 +227,60 @@ class RSSMWorldModel(WorldModel):
         prev = self._one_hot(action)
         prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], 1)  # a_{t-1}; a_{-1} = 0
         state = state if state is not None else self.initial(b, embed.device)
-        posts = []
-        for i in range(t):  # obs_step without its unused prior sample
-            state = self._posterior(self._deter_step(state, prev[:, i]), embed[:, i], mode)
-            posts.append(state)
+        if speedups.enabled("rssm_inputs"):
+            posts = self._filter_precomputed(embed, prev, state, mode)
+        else:
+            posts = self._filter_plain(embed, prev, state, mode)
         post = _stack(posts)
         return post, self._dist(self.prior(post.deter))
+
+    def _filter_plain(
+        self, embed: Tensor, prev: Tensor, state: RSSMState, mode: ImagineMode
+    ) -> list[RSSMState]:
+        """The posterior states of steps 0..T-1, one :meth:`obs_step` (without its unused
+        prior sample) per step: the readable version.
+
+        Shapes:
+            embed ``[B, T, E]``, prev ``[B, T, A]`` (one-hot ``a_{t-1}``) -> T states ``[B, ...]``.
+        """
+        posts = []
+        for i in range(embed.shape[1]):
+            state = self._posterior(self._deter_step(state, prev[:, i]), embed[:, i], mode)
+            posts.append(state)
+        return posts
+
+    def _filter_precomputed(
+        self, embed: Tensor, prev: Tensor, state: RSSMState, mode: ImagineMode
+    ) -> list[RSSMState]:
+        """:meth:`_filter_plain` with what does not depend on the recurrence done first.
+
+        ``img_in`` starts with ``Linear([z, a]) = z W_z^T + a W_a^T`` and the posterior with
+        ``Linear([h, e]) = h W_h^T + e W_e^T`` (no biases; each weight split by columns).
+        The ``a`` and ``e`` terms are computed for all T in one matmul each, before the
+        loop; each step then runs one ``addmm`` per layer instead of a ``cat``, a
+        transpose and a matmul, and the inputs are split by one ``unbind`` rather than a
+        slice per step (whose backward would be a zero-filled ``[B, T, E]`` each). Same
+        parameters, same function and the same random draws; only float rounding differs
+        (the two halves of each dot product are summed apart). ``speedups.plain`` or
+        ``speedups.plain("rssm_inputs")`` runs the plain loop instead.
+        """
+        stoch_dim = self.categoricals * self.classes
+        w_in, w_post = self.img_in[0].weight, self.posterior[0].weight  # [hidden, in]
+        from_action = F.linear(prev, w_in[:, stoch_dim:]).unbind(1)  # T x [B, hidden]
+        from_embed = F.linear(embed, w_post[:, self.config.rssm.deter :]).unbind(1)
+        # Under autocast F.linear returns the autocast dtype; casting the recurrent halves to
+        # it here, once, spares a cast per step (autocast caches casts of leaf weights only).
+        w_z = w_in[:, :stoch_dim].t().to(from_action[0].dtype)  # [K*V, hidden]
+        w_h = w_post[:, : self.config.rssm.deter].t().to(from_embed[0].dtype)  # [deter, hidden]
+        in_rest, post_rest = self.img_in[1:], self.posterior[1:]  # LayerNorm, SiLU(, Linear)
+        posts = []
+        for a_term, e_term in zip(from_action, from_embed, strict=True):
+            x = in_rest(torch.addmm(a_term, state.stoch.flatten(1), w_z))  # img_in([z, a])
+            deter = self.gru(x, state.deter)
+            logits = self._dist(post_rest(torch.addmm(e_term, deter, w_h)))  # posterior([h, e])
+            state = RSSMState(deter, straight_through_sample(logits, mode), logits)
+            posts.append(state)
+        return posts
 
     def observe(
         self,

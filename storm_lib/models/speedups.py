@@ -1,6 +1,7 @@
 """Speed-ups kept off the teaching path: each replaces one plain operation by a faster
-one that computes the same function. Read the plain versions in ``vae.py`` and
-``transformer.py`` first; this module is where they get faster.
+one that computes the same function. Read the plain versions in ``vae.py``,
+``transformer.py`` and ``rssm.py`` first; this module is where they get faster (and says
+which ones there are).
 
 =========================  ==========================================  =====================
 plain operation (reads as)  speed-up (what runs when ``enabled()``)     changes results by
@@ -15,11 +16,17 @@ frames as ``[N, 3, S, S]``  channels_last memory (NHWC): oneDNN's        nothing
 ``softmax(QK^T/sqrt(d))V``  ``F.scaled_dot_product_attention`` (fused    float rounding
                             kernel; the causal flag instead of a mask
                             where the chunk starts at position 0)
+RSSM filter, per step:      the action and embedding terms of those      float rounding
+``Linear([z, a])`` and      Linears for all T at once, before the loop
+``Linear([h, e])``          (``RSSMWorldModel._filter_precomputed``);
+                            one ``addmm`` per step for the rest
 =========================  ==========================================  =====================
 
 ``set_enabled(False)`` (or ``with plain():``) runs the plain versions everywhere; they
-are on by default. ``tests/test_speedups.py`` checks that both paths agree, and
-``bench/bench_ab.py --what speedups`` times them side by side.
+are on by default. ``with plain(name, ...):`` turns off only the named ones (:data:`NAMES`,
+in the table's order), to compare one speed-up alone. ``tests/test_speedups.py`` and
+``tests/test_rssm.py`` check that both paths agree, ``bench/bench_ab.py --what speedups``
+times them side by side, and ``bench/bench_launches.py`` counts the RSSM's ops per step.
 """
 
 from __future__ import annotations
@@ -31,12 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NAMES = ("channels_last", "folded_bn", "inverse_cdf", "fused_attention", "rssm_inputs")
+"""The speed-ups by name, in the order of the table above."""
+
 _enabled = True
+_off: frozenset[str] = frozenset()  # the names that ``plain(name, ...)`` turned off
 
 
-def enabled() -> bool:
-    """Whether the speed-ups run (True by default)."""
-    return _enabled
+def enabled(name: str | None = None) -> bool:
+    """Whether the speed-ups run (True by default); with ``name`` (one of :data:`NAMES`),
+    whether that one does."""
+    if name is not None and name not in NAMES:
+        raise ValueError(f"unknown speed-up {name!r}; choose one of {NAMES}")
+    return _enabled and name not in _off
 
 
 def set_enabled(on: bool) -> None:
@@ -46,19 +60,28 @@ def set_enabled(on: bool) -> None:
 
 
 @contextlib.contextmanager
-def plain() -> Iterator[None]:
-    """Run the plain versions inside the block (the previous setting is restored)."""
-    before = _enabled
-    set_enabled(False)
+def plain(*names: str) -> Iterator[None]:
+    """Run the plain versions inside the block: of every speed-up, or only of ``names``
+    (of :data:`NAMES`). The previous setting is restored afterwards."""
+    global _off
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ValueError(f"unknown speed-ups {unknown}; choose from {NAMES}")
+    before, before_off = _enabled, _off
+    if names:
+        _off = _off | frozenset(names)
+    else:
+        set_enabled(False)
     try:
         yield
     finally:
         set_enabled(before)
+        _off = before_off
 
 
 def conv_layout(x: Tensor) -> Tensor:
     """``[N, C, H, W]`` in channels_last memory (the same values) when enabled."""
-    return x.contiguous(memory_format=torch.channels_last) if _enabled else x
+    return x.contiguous(memory_format=torch.channels_last) if enabled("channels_last") else x
 
 
 def _folded_conv(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -83,7 +106,7 @@ def _folded_conv(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d, x: Te
 def run_convs(layers: nn.Sequential, x: Tensor) -> Tensor:
     """``layers(x)``; in eval mode, when enabled, every conv followed by a BatchNorm with
     running statistics runs as one folded convolution (:func:`_folded_conv`)."""
-    if layers.training or not _enabled:
+    if layers.training or not enabled("folded_bn"):
         return layers(x)
     mods = list(layers)
     i = 0
@@ -119,7 +142,7 @@ def inverse_cdf_sample(probs: Tensor) -> Tensor:
 
 def sample_index(probs: Tensor) -> Tensor:
     """One class index per row of ``probs [..., V]``: ``[...]`` (multinomial when plain)."""
-    if _enabled:
+    if enabled("inverse_cdf"):
         return inverse_cdf_sample(probs)
     flat = probs.float().reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1).view(probs.shape[:-1])

@@ -147,7 +147,7 @@ def attention(queries: Tensor, keys: Tensor, values: Tensor, start: int, dropout
     ``j <= start + i``. Returns ``[B, h, N, d_head]``. With the speed-ups on, PyTorch's
     fused kernel computes the same (``speedups.fused_attention``).
     """
-    if speedups.enabled():
+    if speedups.enabled("fused_attention"):
         return speedups.fused_attention(queries, keys, values, start, dropout)
     scores = queries @ keys.transpose(-1, -2) / queries.shape[-1] ** 0.5
     visible = speedups.causal_mask(queries.shape[2], start, queries.device)
