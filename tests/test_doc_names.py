@@ -159,3 +159,19 @@ def test_resolve_finds_attributes_fields_and_lazy_names(name: str) -> None:
 def test_resolve_refuses_names_that_do_not_exist(name: str) -> None:
     with pytest.raises(LookupError):
         resolve(name)
+
+
+CONFLICT = re.compile(r"^(<{7}|>{7}|={7})( |$)", re.M)
+
+
+def test_no_merge_conflict_markers_are_left_in_the_sources_or_the_docs() -> None:
+    """A half-resolved merge leaves ``<<<<<<<`` lines that neither ruff (in Markdown) nor
+    the other tests see."""
+    suffixes = {".py", ".md", ".toml", ".txt", ".ipynb", ".cfg", ".yaml"}
+    files = [ROOT / "Makefile", ROOT / ".ci" / "run"] + [
+        p for folder in ("storm_lib", "tests", "bench", "docs") for p in (ROOT / folder).rglob("*")
+        if p.suffix in suffixes
+    ] + [p for p in ROOT.glob("*") if p.suffix in suffixes]  # fmt: skip
+    found = [str(p.relative_to(ROOT)) for p in files
+             if p.is_file() and CONFLICT.search(p.read_text(encoding="utf-8", errors="replace"))]  # fmt: skip
+    assert not found, f"merge conflict markers in {found}"

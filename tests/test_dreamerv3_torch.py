@@ -5,7 +5,7 @@ its file and module names, ``configs.yaml`` blocks, state-dict names and shapes,
 encoder, ``[B, T, F]`` decoder of distributions, ``obs_step``/``img_step(sample=)``, its
 replay directory and the nesting and prefixes of ``latest.pt``. The student trains it with
 their own sizes for two steps of its own ``_train`` on real Boxing frames, and saves as
-``dreamer.py`` does; the instructor grades it with docs/grading.md's three-line loader.
+``dreamer.py`` does; the instructor grades it with the README's three-line loader.
 """
 
 from __future__ import annotations
@@ -328,9 +328,9 @@ def test_cli_import_train_evaluate_with_the_three_line_loader(
 
 
 def readme_recipe() -> tuple[str, list[list[str]]]:
-    """The loader and the commands of docs/grading.md's "Grading a dreamerv3-torch student"."""
-    text = (ROOT / "docs" / "grading.md").read_text()
-    section = text.split("## Grading a dreamerv3-torch student")[1].split("\n## ")[0]
+    """The loader and the commands of the README's "Grading a dreamerv3-torch student"."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Grading a dreamerv3-torch student")[1].split("\n## ")[0]
     loader = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
