@@ -172,6 +172,9 @@ def test_no_merge_conflict_markers_are_left_in_the_sources_or_the_docs() -> None
         p for folder in ("storm_lib", "tests", "bench", "docs") for p in (ROOT / folder).rglob("*")
         if p.suffix in suffixes
     ] + [p for p in ROOT.glob("*") if p.suffix in suffixes]  # fmt: skip
-    found = [str(p.relative_to(ROOT)) for p in files
-             if p.is_file() and CONFLICT.search(p.read_text(encoding="utf-8", errors="replace"))]  # fmt: skip
+    found = [
+        str(p.relative_to(ROOT))
+        for p in files
+        if p.is_file() and CONFLICT.search(p.read_text(encoding="utf-8", errors="replace"))
+    ]
     assert not found, f"merge conflict markers in {found}"
