@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from synthetic import TinyEmbed, random_split
+from torch import Tensor
 
 from storm_lib import build_world_model, get_profile, load_checkpoint, save_checkpoint
 from storm_lib.data import TrajectoryData
@@ -70,15 +71,7 @@ def batch(b: int = 2, t: int = 10, seed: int = 0) -> Batch:
 
 
 def split() -> tuple[TrajectoryData, TrajectoryData]:
-    rng = np.random.default_rng(0)
-    n = 160
-    return TrajectoryData.from_arrays(
-        obs=rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8),
-        action=rng.integers(0, 4, n).astype(np.int64),
-        reward=rng.choice([0.0, 1.0], n).astype(np.float32),
-        cont=np.ones(n, np.float32),
-        episode=np.repeat(np.arange(4), 40).astype(np.int32),
-    ).split(0.25, seed=0)
+    return random_split(episode_length=40, val_fraction=0.25)
 
 
 def smoke(**train: object):  # type: ignore[no-untyped-def]
@@ -254,17 +247,6 @@ def test_interrupt_and_resume_in_deterministic_mode_equal_one_run(
 
 
 # ------------------------------------------------------------------ FVD, outside models
-class _TinyEmbed(nn.Module):
-    """Stand-in for the I3D (as in test_fvd.py): per-channel statistics of the clips."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4)), x[:, :, -1].mean((2, 3))], 1)
-
-
 def windows(n: int = 6, steps: int = 18) -> Batch:
     g = torch.Generator().manual_seed(0)
     obs = torch.rand(n, steps, 3, 64, 64, generator=g)
@@ -281,7 +263,7 @@ def test_fvd_on_cuda_matches_cpu(fp32, argmax_latents) -> None:
     gpu_model = copy.deepcopy(cpu_model).to(CUDA)
     scores = {}
     for where, model in (("cpu", cpu_model), ("cuda", gpu_model)):
-        embed = _TinyEmbed().to(next(model.parameters()).device)
+        embed = TinyEmbed().to(next(model.parameters()).device)
         out = fvd_for_models(
             {"storm": model}, w, context=8, horizon=10, i3d=embed,  # type: ignore[arg-type]
             mode="mode", progress=False,
@@ -326,7 +308,7 @@ def test_an_outside_model_runs_on_cuda(tmp_path: Path) -> None:
     assert np.isfinite(result.models["student"].values).all()
     out = fvd_for_models(
         {"student": student}, w, context=8, horizon=10,
-        i3d=_TinyEmbed().to(CUDA), mode="mode", progress=False,  # type: ignore[arg-type]
+        i3d=TinyEmbed().to(CUDA), mode="mode", progress=False,  # type: ignore[arg-type]
     )  # fmt: skip
     assert np.isfinite(out["fvd"]["student"])
 

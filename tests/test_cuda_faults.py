@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from synthetic import random_split
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -45,18 +46,6 @@ def windows(n: int = 3, steps: int = 18, actions: int = 4) -> Batch:
         reward=torch.zeros(n, steps),
         cont=torch.ones(n, steps),
     )
-
-
-def split(actions: int = 4) -> tuple[TrajectoryData, TrajectoryData]:
-    rng = np.random.default_rng(0)
-    n = 120
-    return TrajectoryData.from_arrays(
-        obs=rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8),
-        action=rng.integers(0, actions, n).astype(np.int64),
-        reward=rng.choice([0.0, 1.0], n).astype(np.float32),
-        cont=np.ones(n, np.float32),
-        episode=np.repeat(np.arange(4), 30).astype(np.int32),
-    ).split(0.34, seed=0)
 
 
 def smoke(steps: int = 4, **train: Any):  # type: ignore[no-untyped-def]
@@ -347,7 +336,7 @@ def test_a_training_step_builds_no_tensor_from_host_values(
             host.active = False
 
     monkeypatch.setattr(TrainStep, "backward", backward)
-    train, val = split()
+    train, val = random_split()
     model = build_world_model(kind, config, 4, "cpu")
     fit(model, train, val, steps=4, config=config.train, device="cpu", progress=False,
         log_every=100)  # fmt: skip
@@ -438,7 +427,7 @@ def test_the_loop_around_a_step_costs_a_few_ops_not_one_per_buffer(
     monkeypatch.setattr(TrajectoryData, "sample", sample)
     monkeypatch.setattr(TrainStep, "backward", paused(TrainStep.backward))
     monkeypatch.setattr(TrainStep, "update", paused(TrainStep.update))
-    train, val = split()
+    train, val = random_split()
     config = smoke(steps=5)
     model = build_world_model("storm", config, 4, "cpu")
     buffers = len(list(model.buffers()))
@@ -542,7 +531,7 @@ def test_deterministic_mode_says_when_cuda_had_started(
 
 
 def test_fit_runs_in_deterministic_mode_when_asked(switches) -> None:
-    train, val = split()
+    train, val = random_split()
     config = smoke(steps=1, deterministic=True)
     model = build_world_model("storm", config, 4, "cpu")
     fit(model, train, val, steps=1, config=config.train, device="cpu", progress=False)
@@ -636,7 +625,7 @@ def test_the_estimate_times_fits_own_step_after_the_device_set_up(
     monkeypatch.setattr(TrajectoryData, "sample", sample)
     monkeypatch.setattr(costs, "configure_device", configure, raising=False)
     before = torch.get_rng_state()
-    train, _ = split()
+    train, _ = random_split()
     estimate = costs.estimate_training_time(
         smoke(), 4, torch.device("cpu"), kinds=("storm",), seconds=0.1
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import TinyEmbed
 from torch import Tensor, nn
 
 from storm_lib import fvd as F
@@ -258,21 +259,10 @@ def test_rollout_clips_shapes_real_is_window_and_seeded() -> None:
         F.rollout_clips(model, w, context=9, horizon=10)
 
 
-class _TinyEmbed(nn.Module):
-    """Stand-in for the I3D: per-channel means and spreads over time and space."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4)), x[:, :, -1].mean((2, 3))], 1)
-
-
 def test_fvd_for_models_oracle_zero_noise_positive() -> None:
     w = _windows(n=6)
     models = {"oracle": _Fake(future=w.obs[:, 8:].clone()), "noise": _Fake()}
-    out = F.fvd_for_models(models, w, context=8, horizon=10, i3d=_TinyEmbed(), progress=False)
+    out = F.fvd_for_models(models, w, context=8, horizon=10, i3d=TinyEmbed(), progress=False)
     assert out["clips"] == 6 and out["frames"] == 18 and out["seconds"] > 0
     assert out["fvd"]["oracle"] == pytest.approx(0.0, abs=1e-9)
     assert out["fvd"]["noise"] > 1e-3

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from synthetic import random_split
 
 from storm_lib import build_world_model, get_profile, utils
 from storm_lib.checkpoint import read_checkpoint
@@ -17,18 +18,6 @@ from storm_lib.data import TrajectoryData
 from storm_lib.train import _set_rng_state, fit
 from storm_lib.types import Batch
 from storm_lib.utils import autocast, autocast_dtype, describe_precision
-
-
-def split(actions: int = 4) -> tuple[TrajectoryData, TrajectoryData]:
-    rng = np.random.default_rng(0)
-    n = 120
-    return TrajectoryData.from_arrays(
-        obs=rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8),
-        action=rng.integers(0, actions, n).astype(np.int64),
-        reward=rng.choice([0.0, 1.0], n).astype(np.float32),
-        cont=np.ones(n, np.float32),
-        episode=np.repeat(np.arange(4), 30).astype(np.int32),
-    ).split(0.34, seed=0)
 
 
 def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +62,7 @@ def test_loss_backward_imagine_and_fit_under_autocast(kind: str, precision: str,
     )
     torch.manual_seed(0)
     model = build_world_model(kind, config, 4, "cpu")
-    train, val = split()
+    train, val = random_split()
     batch = train.sample(2, 12, torch.Generator().manual_seed(0))
     dtype = autocast_dtype(precision, torch.device("cpu"))
     with autocast(torch.device("cpu"), dtype):
@@ -126,7 +115,7 @@ class _NotOnCPU(torch.Tensor):
 def test_resume_with_rng_state_mapped_to_another_device(tmp_path) -> None:
     config = get_profile("smoke")
     config.train = dataclasses.replace(config.train, steps=2, eval_every=100)
-    train, val = split()
+    train, val = random_split()
     model = build_world_model("storm", config, 4, "cpu")
     fit(model, train, val, steps=2, config=config.train, device="cpu",
         checkpoint_path=tmp_path / "m.pt", progress=False)  # fmt: skip
@@ -148,7 +137,7 @@ def test_a_training_step_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> 
     log, validate nor save: there must be none (on a GPU each would stall the device)."""
     config = get_profile("smoke")
     config.train = dataclasses.replace(config.train, steps=4, eval_every=100, checkpoint_every=0)
-    train, val = split()
+    train, val = random_split()
     calls: Counter[str] = Counter()
     marks: list[int] = []
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "__index__"):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
+from synthetic import random_split
 
 from storm_lib import build_world_model, get_profile
 from storm_lib import train as train_module
-from storm_lib.data import TrajectoryData
 from storm_lib.graphs import EagerRecorder, GraphedTrainStep, maybe_graphed
 from storm_lib.train import TrainStep, fit
 from storm_lib.types import Batch
@@ -140,15 +139,7 @@ def test_only_cuda_gets_a_graph() -> None:
 
 
 def test_fit_with_the_graphed_step_equals_fit_without(monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(0)
-    n = 120
-    train, val = TrajectoryData.from_arrays(
-        obs=rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8),
-        action=rng.integers(0, 4, n).astype(np.int64),
-        reward=rng.choice([0.0, 1.0], n).astype(np.float32),
-        cont=np.ones(n, np.float32),
-        episode=np.repeat(np.arange(4), 30).astype(np.int32),
-    ).split(0.34, seed=0)
+    train, val = random_split()
     config = get_profile("smoke")
     config.train = dataclasses.replace(config.train, steps=4, eval_every=2, checkpoint_every=0)
 
