@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from storm_lib import build_world_model, get_profile
-from storm_lib.costs import _random_batch, flops_per_step
+from storm_lib import get_profile
+from storm_lib.costs import flops_per_step
+from storm_lib.opcount import loss_step_ops
 
 GPUS = {  # name: (autocast dtype under precision "auto", dense tensor-core peak TFLOP/s)
     "T4": ("fp16", 65.0),
@@ -26,24 +25,9 @@ GPUS = {  # name: (autocast dtype under precision "auto", dense tensor-core peak
 }
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_step(kind: str, profile: str, actions: int = 18) -> int:
     """ATen ops of one loss forward + backward (the fused optimizer adds a handful)."""
-    config = get_profile(profile)
-    model = build_world_model(kind, config, actions, "meta")  # type: ignore[arg-type]
-    with _CountOps() as counter:
-        loss, _ = model.loss(_random_batch(config, "meta"))
-        loss.backward()
-    return counter.count
+    return loss_step_ops(kind, get_profile(profile), action_dim=actions).total
 
 
 def main() -> None:

@@ -18,19 +18,9 @@ from .config import Config
 from .data import TrajectoryData
 from .graphs import maybe_graphed
 from .models import build_world_model
+from .opcount import random_batch
 from .train import TrainStep
-from .types import Batch
-from .utils import configure_device, default_device, private_rng
-
-
-def _random_batch(config: Config, device: torch.device | str) -> Batch:
-    b, t, s = config.train.batch_size, config.train.seq_len, config.data.image_size
-    return Batch(
-        obs=torch.rand(b, t, 3, s, s, device=device),
-        action=torch.zeros(b, t, dtype=torch.long, device=device),
-        reward=torch.zeros(b, t, device=device),
-        cont=torch.ones(b, t, device=device),
-    )
+from .utils import configure_device, default_device, private_rng, synchronize
 
 
 def flops_per_step(kind: str, config: Config, action_dim: int) -> int:
@@ -39,7 +29,7 @@ def flops_per_step(kind: str, config: Config, action_dim: int) -> int:
     ``torch.utils.flop_counter`` on the ``meta`` device: no memory and no arithmetic, so
     any profile's size can be counted on any machine."""
     model = build_world_model(kind, config, action_dim, "meta")
-    batch = _random_batch(config, "meta")
+    batch = random_batch(config, "meta", action_dim)
     with FlopCounterMode(display=False) as counter:
         loss, _ = model.loss(batch)
         loss.backward()
@@ -69,12 +59,6 @@ class RunTimeEstimate:
         total = sum(self.minutes(k) for k in self.gflop_per_step)
         lines.append(f"  both: about {total:.0f} min, before evaluation")
         return "\n".join(lines)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for the GPU (queued work would otherwise escape the clock)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _stand_in_data(config: Config, action_dim: int, seed: int = 0) -> TrajectoryData:
@@ -139,11 +123,11 @@ def estimate_training_time(
 
             for _ in range(warmup):
                 step()
-            _sync(device)
+            synchronize(device)
             count, start = 0, time.perf_counter()
             while count == 0 or time.perf_counter() - start < seconds / len(kinds):
                 step()
                 count += 1
-            _sync(device)
+            synchronize(device)
             ms[kind] = 1000 * (time.perf_counter() - start) / count
     return RunTimeEstimate(gflop, ms, config.train.steps, str(device))

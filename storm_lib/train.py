@@ -44,6 +44,7 @@ from .utils import (
     default_device,
     evaluating,
     seed_everything,
+    synchronize,
 )  # fmt: skip
 
 
@@ -586,8 +587,8 @@ def _fit_locked(
                 save_due = step == steps or bool(every and step % every == 0)
                 if log_due or eval_due or save_due:  # one host sync, not one per step
                     _check_finite(unchecked)
-                if device.type == "cuda" and log_due:
-                    torch.cuda.synchronize(device)
+                if log_due:
+                    synchronize(device)
                 clock += time.perf_counter() - start
                 if log_due:
                     record = {k: float(v) for k, v in metrics.items()}
